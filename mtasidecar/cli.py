@@ -1,0 +1,169 @@
+"""The `mtasidecar` command. Subcommands mirror the processes:
+
+  ingest     watch the Maildir and store what arrives
+  api        serve the HTTP API (gunicorn, asgi workers)
+  deliver    Postfix pipe(8) entry: spool stdin into the Maildir
+  init-db    create the schema and record the configured domains
+  postfix    print or apply the Postfix configuration for these settings
+  dev        a private Postfix + ingester + API on loopback, in one go
+  config     print the validated settings
+
+This is the one module that wires processes together. Heavy imports happen
+inside the subcommands: `deliver` runs once per message and must start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_CONFIG = 2
+
+
+def _settings(args, overrides: dict | None = None):
+    from .config import load
+    return load(args.config, overrides=overrides)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _prepare_store(settings):
+    from .store import Store
+    store = Store(settings.database_url)
+    store.setup()
+    store.sync_domains([(d.name, d.subdomains) for d in settings.domains])
+    return store
+
+
+def cmd_init_db(args) -> int:
+    settings = _settings(args)
+    _prepare_store(settings).close()
+    print(f"database ready: {settings.database_url}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    import dataclasses
+    import json
+    settings = _settings(args)
+    print(json.dumps(dataclasses.asdict(settings), indent=2))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    import os
+    import signal
+
+    from .ingest.maildir import Ingester
+    settings = _settings(args)
+    _logging(args.verbose)
+    store = _prepare_store(settings)
+    workers = settings.ingest.workers if settings.ingest.workers >= 0 else (os.cpu_count() or 1)
+    ingester = Ingester(store, settings.maildir_path, keep=settings.maildir.keep,
+                        max_size=settings.maildir.max_message_size,
+                        rescan_interval=settings.maildir.rescan_interval, workers=workers)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: ingester.stop())
+    ingester.run()
+    return 0
+
+
+def gunicorn_argv(settings) -> list[str]:
+    api = settings.api
+    return [sys.executable, "-m", "gunicorn", "-k", "asgi", "-w", str(api.workers),
+            "-b", f"{api.host}:{api.port}", "--no-control-socket",
+            # Open event streams hold shutdown up; clients reconnect.
+            "--graceful-timeout", "3", "--access-logfile", "-" if api.access_log else "/dev/null",
+            "mtasidecar.api.asgi:app"]
+
+
+def cmd_api(args) -> int:
+    import os
+
+    from .config import to_environ
+    settings = _settings(args)
+    _prepare_store(settings).close()  # schema before workers, never in them
+    env = dict(os.environ, **to_environ(settings))
+    argv = gunicorn_argv(settings)
+    os.execve(argv[0], argv, env)
+    return 0  # pragma: no cover
+
+
+def cmd_deliver(args) -> int:
+    from .ingest.deliver import main
+    return main(args.rest)
+
+
+def cmd_postfix(args) -> int:
+    from .mta import commands
+    settings = _settings(args)
+    return commands.postfix_command(settings, args)
+
+
+def cmd_dev(args) -> int:
+    from . import dev
+    from .config import parse_domain_list
+    overrides: dict = {"data_dir": args.data_dir, "smtp": {"port": args.smtp_port},
+                       "api": {"port": args.http_port}}
+    if args.domain:
+        overrides["domains"] = parse_domain_list(",".join(args.domain))
+    settings = _settings(args, overrides)
+    if not settings.domains:
+        overrides["domains"] = [{"name": dev.DEFAULT_DOMAIN, "subdomains": True}]
+        settings = _settings(args, overrides)
+    _logging(args.verbose)
+    return dev.run(settings, _prepare_store)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtasidecar", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", metavar="FILE", help="TOML settings file (default: $MTASIDECAR_CONFIG)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("init-db", help="create the schema").set_defaults(func=cmd_init_db)
+    sub.add_parser("config", help="print the validated settings").set_defaults(func=cmd_config)
+    sub.add_parser("ingest", help="watch the Maildir and store mail").set_defaults(func=cmd_ingest)
+    sub.add_parser("api", help="serve the HTTP API under gunicorn").set_defaults(func=cmd_api)
+
+    d = sub.add_parser("deliver", help="Postfix pipe(8) entry point", add_help=False)
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    d.set_defaults(func=cmd_deliver)
+
+    pf = sub.add_parser("postfix", help="render or apply the Postfix configuration")
+    pf.add_argument("action", choices=["show", "apply"], help="show: print it; apply: merge it with postconf")
+    pf.add_argument("--config-dir", default="/etc/postfix", help="Postfix configuration directory")
+    pf.set_defaults(func=cmd_postfix)
+
+    dev = sub.add_parser("dev", help="run a private Postfix, the ingester and the API on loopback")
+    dev.add_argument("--data-dir", default="./data", help="where everything is kept (default ./data)")
+    dev.add_argument("--smtp-port", type=int, default=2525)
+    dev.add_argument("--http-port", type=int, default=8025)
+    dev.add_argument("--domain", action="append", default=[],
+                     help="a domain to receive for; '*.NAME' also takes any subdomain of NAME "
+                          "(repeatable; default: the configured ones, else *.mail.test)")
+    dev.set_defaults(func=cmd_dev)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Fast path for Postfix's pipe transport: no argparse tree, no config.
+    if argv[:1] == ["deliver"]:
+        from .ingest.deliver import main as deliver
+        return deliver(argv[1:])
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"mtasidecar: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""`mtasidecar dev`: the whole service on loopback, with a private Postfix.
+
+Starts, under ``data_dir``: a Postfix instance of our own (SMTP on
+127.0.0.1:PORT, nothing touched in /etc/postfix), the ingester and the API
+as child processes, exactly as production runs them. Prints where things
+are, then waits; Ctrl-C or SIGTERM stops everything (Postfix included), as
+does any child dying on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from .config import Settings, to_environ
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DOMAIN = "mail.test"
+STOP_GRACE_S = 10
+
+
+def _wait_http(url: str, timeout: float, alive) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run(settings: Settings, prepare_store) -> int:
+    from .cli import gunicorn_argv
+    from .mta.instance import PostfixInstance
+
+    data_dir = Path(settings.data_dir).absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_store(settings).close()
+    env = dict(os.environ, **to_environ(settings))
+    maildir = settings.maildir_path.absolute()
+    postfix = PostfixInstance(
+        data_dir / "postfix", settings.smtp.port, [(d.name, d.subdomains) for d in settings.domains],
+        maildir, hostname=settings.hostname, message_size_limit=settings.smtp.message_size_limit,
+        delivery=settings.smtp.delivery,
+        deliver_argv=[sys.executable, "-m", "mtasidecar", "deliver", "--maildir", str(maildir)],
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    procs: list[subprocess.Popen] = []
+    try:
+        postfix.start()  # creates the Maildir with the delivery user's ownership
+        procs.append(subprocess.Popen([sys.executable, "-m", "mtasidecar", "ingest"], env=env))
+        procs.append(subprocess.Popen(gunicorn_argv(settings), env=env))
+        api = f"http://{settings.api.host}:{settings.api.port}"
+        if not _wait_http(f"{api}/healthz", 30, lambda: all(p.poll() is None for p in procs)):
+            log.error("the API did not come up; stopping")
+            return 1
+        domains = ", ".join(("*." if d.subdomains else "") + d.name for d in settings.domains)
+        print(f"""
+mtasidecar is running
+  SMTP      {settings.smtp.host}:{settings.smtp.port}  (private Postfix, log: {postfix.log_path})
+  API       {api}/api/v1/   (OpenAPI: {api}/api/v1/openapi.json)
+  domains   {domains}
+  Maildir   {maildir}
+  database  {settings.database_url}
+Try:
+  swaks --server 127.0.0.1:{settings.smtp.port} --to hello@{settings.domains[0].name}
+  curl {api}/api/v1/mailboxes/hello@{settings.domains[0].name}/messages
+Ctrl-C stops everything.
+""", flush=True)
+        while not stop.wait(0.5):
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                log.error("%s exited with status %s; stopping", dead[0].args[:4], dead[0].returncode)
+                return 1
+        return 0
+    finally:
+        _stop(procs)
+        postfix.stop()

@@ -1,0 +1,233 @@
+"""`mtasidecar ingest`: watch the Maildir and feed every file to the pipeline.
+
+Postfix writes into tmp/ and links into new/, so watchdog reports a
+*created* event in new/ (our own `deliver` renames, which is a *moved*
+event; both are handled). Events can be missed (the watcher starts after
+mail arrived, the inotify queue overflows), so new/ is rescanned at start and
+every ``rescan_interval`` seconds as a safety net.
+
+Parsing is the expensive part, so under a backlog files are prepared in a
+pool of worker processes while this process commits the previous batch.
+A single message arriving on a quiet system is prepared inline: no
+inter-process hop on the latency path.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import peewee as pw
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from ..store import Store
+from .pipeline import Pipeline, Prepared, prepare, spool_name
+
+log = logging.getLogger(__name__)
+
+# Below this many waiting files, prepare inline (lowest latency).
+INLINE_MAX = 4
+# Files per task sent to a worker process, and per database transaction.
+CHUNK = 64
+# How long to wait before retrying a batch the database refused (locked, gone).
+RETRY_DELAYS = (0.05, 0.2, 1.0, 5.0)
+
+
+def ensure_maildir(path: Path) -> None:
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+
+
+class _Events(FileSystemEventHandler):
+    def __init__(self, push):
+        self.push = push
+
+    def on_created(self, event):
+        if not event.is_directory:
+            self.push(event.src_path)
+
+    def on_moved(self, event):
+        if not event.is_directory:
+            self.push(event.dest_path)
+
+
+def _prepare_safe(path: str, max_size: int) -> Prepared | None:
+    """prepare() for a worker: a vanished file is None; any other failure is
+    raised to the parent, which keeps the file for a later try."""
+    try:
+        return prepare(path, max_size)
+    except FileNotFoundError:
+        return None
+
+
+def _warm_worker() -> None:
+    # Import flanker (and build its tables) before the first file arrives.
+    from ..mail import parse  # noqa: F401
+
+
+class Ingester:
+    def __init__(self, store: Store, maildir: Path, *, keep: bool = False,
+                 max_size: int = 50 * 1024 * 1024, rescan_interval: float = 30.0, workers: int = 0):
+        self.store = store
+        self.maildir = Path(maildir)
+        self.new_dir = self.maildir / "new"
+        self.pipeline = Pipeline(store, self.maildir, keep=keep)
+        self.max_size = max_size
+        self.rescan_interval = rescan_interval
+        self.workers = workers
+        self.queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # Names queued or in flight: a rescan must not queue them twice.
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.stored = 0
+
+    # -- input ---------------------------------------------------------------
+
+    def push(self, path: str) -> None:
+        name = os.path.basename(path)
+        if name.startswith("."):
+            return
+        with self._lock:
+            if name in self._pending:
+                return
+            self._pending.add(name)
+        self.queue.put(path)
+
+    def rescan(self) -> int:
+        n = 0
+        with os.scandir(self.new_dir) as it:
+            for entry in it:
+                if entry.is_file(follow_symlinks=False):
+                    self.push(entry.path)
+                    n += 1
+        return n
+
+    def _release(self, paths) -> None:
+        with self._lock:
+            for p in paths:
+                self._pending.discard(os.path.basename(p))
+
+    # -- main loop -----------------------------------------------------------
+
+    def run(self) -> None:
+        ensure_maildir(self.maildir)
+        observer = Observer()
+        observer.schedule(_Events(self.push), str(self.new_dir), recursive=False)
+        observer.start()
+        pool = None
+        if self.workers > 0:
+            pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
+                                          initializer=_warm_worker)
+        try:
+            backlog = self.rescan()
+            log.info("watching %s (%d files waiting, %d worker processes)", self.new_dir, backlog, self.workers)
+            self._loop(pool)
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.queue.put("")  # wake the loop
+
+    def _drain(self, block_for: float) -> list[str]:
+        paths = []
+        try:
+            first = self.queue.get(timeout=block_for) if block_for > 0 else self.queue.get_nowait()
+            if first:
+                paths.append(first)
+            while len(paths) < 4096:
+                p = self.queue.get_nowait()
+                if p:
+                    paths.append(p)
+        except queue.Empty:
+            pass
+        return paths
+
+    def _loop(self, pool) -> None:
+        inflight: collections.deque[tuple[list[str], cf.Future]] = collections.deque()
+        next_rescan = time.monotonic() + self.rescan_interval
+        while not self.stopping.is_set():
+            idle = not inflight
+            paths = self._drain(min(1.0, max(0.0, next_rescan - time.monotonic())) if idle else 0)
+            if time.monotonic() >= next_rescan:
+                self.rescan()
+                next_rescan = time.monotonic() + self.rescan_interval
+            if paths and (pool is None or (idle and len(paths) <= INLINE_MAX)):
+                self._commit_inline(paths)
+                continue
+            for i in range(0, len(paths), CHUNK):
+                chunk = paths[i:i + CHUNK]
+                inflight.append((chunk, pool.submit(_prepare_chunk, chunk, self.max_size)))
+            if inflight:
+                chunk, fut = inflight.popleft()
+                self._commit_future(chunk, fut)
+        for chunk, fut in inflight:
+            fut.cancel()
+            self._release(chunk)
+
+    def _commit_inline(self, paths: list[str]) -> None:
+        for i in range(0, len(paths), CHUNK):
+            chunk = paths[i:i + CHUNK]
+            prepared = []
+            for p in chunk:
+                try:
+                    item = _prepare_safe(p, self.max_size)
+                except OSError as exc:
+                    log.error("cannot read %s: %s; will retry on rescan", p, exc)
+                    continue
+                if item is not None:
+                    prepared.append(item)
+            self._commit(chunk, prepared)
+
+    def _commit_future(self, chunk: list[str], fut: cf.Future) -> None:
+        try:
+            prepared = fut.result()
+        except Exception as exc:  # a worker died or a file could not be read
+            log.error("preparing %d files failed (%s); retrying them inline", len(chunk), exc)
+            self._commit_inline(chunk)
+            return
+        self._commit(chunk, prepared)
+
+    def _commit(self, chunk: list[str], prepared: list[Prepared]) -> None:
+        try:
+            for delay in RETRY_DELAYS + (None,):
+                try:
+                    self.stored += self.pipeline.commit(prepared)
+                    return
+                except pw.PeeweeException as exc:
+                    # Locked or unreachable database: the files stay in the
+                    # spool, so waiting loses nothing.
+                    if delay is None or self.stopping.is_set():
+                        log.error("database refused %d messages (%s); left in the spool", len(prepared), exc)
+                        return
+                    log.warning("database busy (%s); retrying in %.2fs", exc, delay)
+                    self.store.close()
+                    time.sleep(delay)
+        finally:
+            self._release(chunk)
+
+
+def _prepare_chunk(paths: list[str], max_size: int) -> list[Prepared]:
+    out = []
+    for p in paths:
+        item = _prepare_safe(p, max_size)
+        if item is not None:
+            out.append(item)
+    return out
+
+
+def pending_names(maildir: Path) -> set[str]:
+    """Spool names still waiting in new/ (for tests and `doctor`)."""
+    return {spool_name(n) for n in os.listdir(Path(maildir) / "new")}

@@ -1,0 +1,49 @@
+"""Open a database from a URL and set it up once.
+
+SQLite gets WAL (readers never wait for the ingester's writes), NORMAL
+synchronous (durable across process crashes; a power cut may lose the last
+commits, which the Maildir still holds since files leave it only after a
+commit) and a busy timeout so concurrent writers wait instead of failing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import peewee as pw
+from playhouse import db_url
+
+from .models import MODELS, database
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "normal",
+    "foreign_keys": 1,
+    "cache_size": -32000,  # 32 MB page cache per connection
+    "temp_store": "memory",
+    # Let SQLite map the file: list scans then cost no read() syscalls.
+    "mmap_size": 1 << 30,
+}
+BUSY_TIMEOUT_S = 15
+
+
+def open_database(url: str) -> pw.Database:
+    """A peewee database for ``url``, bound to our models (not yet connected)."""
+    scheme = urlparse(url).scheme
+    if scheme in ("sqlite", "sqliteext"):
+        # playhouse's convention: sqlite:///relative.db, sqlite:////abs/path.db
+        path = url.split("://", 1)[1][1:]
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = pw.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_S)
+    else:
+        db = db_url.connect(url)
+    database.initialize(db)
+    return db
+
+
+def create_schema(db: pw.Database) -> None:
+    """Create missing tables and indexes; safe to run again."""
+    with db.connection_context():
+        db.create_tables(MODELS, safe=True)

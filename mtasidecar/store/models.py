@@ -1,0 +1,90 @@
+"""Peewee models: domains, mailboxes, messages, message bodies, attachments.
+
+The database is bound late through a proxy so the same models serve SQLite
+(one box) and PostgreSQL (several hosts sharing one store).
+
+Layout choices, for speed:
+- Message rows hold only what list views need; the bytes live in
+  MessageBody, so a list scan reads small, dense rows.
+- Times are epoch seconds (floats): cheap to index and compare; the API
+  formats them.
+- (mailbox, id) is the index every list query walks, newest first.
+"""
+
+from __future__ import annotations
+
+import peewee as pw
+
+database = pw.DatabaseProxy()
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Domain(BaseModel):
+    name = pw.CharField(max_length=253, unique=True)
+    subdomains = pw.BooleanField(default=False)
+    active = pw.BooleanField(default=True)
+    created_at = pw.DoubleField()
+
+
+class Mailbox(BaseModel):
+    address = pw.CharField(max_length=320, unique=True)
+    # Null when mail arrived for a domain no longer configured: kept, not lost.
+    domain = pw.ForeignKeyField(Domain, null=True, backref="mailboxes", on_delete="CASCADE")
+    created_at = pw.DoubleField()
+    expires_at = pw.DoubleField(null=True, index=True)
+    # Kept up to date in the same transaction as the messages they count.
+    message_count = pw.IntegerField(default=0)
+    bytes_used = pw.BigIntegerField(default=0)
+
+
+class Message(BaseModel):
+    mailbox = pw.ForeignKeyField(Mailbox, backref="messages", on_delete="CASCADE", index=False)
+    # The Maildir file name without its ":2,..." info part: the key that makes
+    # re-ingesting a file after a crash a no-op instead of a duplicate.
+    spool_name = pw.CharField(max_length=255, unique=True)
+    received_at = pw.DoubleField()
+    envelope_from = pw.CharField(max_length=320, null=True)
+    envelope_to = pw.CharField(max_length=320)
+    from_name = pw.TextField(default="")
+    from_address = pw.CharField(max_length=320, default="")
+    to_json = pw.TextField(default="[]")
+    subject = pw.TextField(default="")
+    intro = pw.TextField(default="")
+    message_id = pw.TextField(null=True)
+    size = pw.IntegerField()
+    has_attachments = pw.BooleanField(default=False)
+    seen = pw.BooleanField(default=False)
+    parse_error = pw.TextField(null=True)
+
+    class Meta:
+        indexes = ((("mailbox", "id"), False),)
+
+
+class MessageBody(BaseModel):
+    message = pw.ForeignKeyField(Message, primary_key=True, on_delete="CASCADE")
+    # The spool file's bytes exactly, zlib-compressed; null only when the file
+    # was set aside (too large), in which case Message.parse_error says so.
+    raw = pw.BlobField(null=True)
+    # The parsed view (headers, text, html, attachments, ...) as zlib'd JSON.
+    document = pw.BlobField()
+
+
+class Attachment(BaseModel):
+    message = pw.ForeignKeyField(Message, backref="attachments", on_delete="CASCADE")
+    index = pw.IntegerField()
+    filename = pw.TextField(null=True)
+    content_type = pw.CharField(max_length=255)
+    size = pw.IntegerField()
+    disposition = pw.CharField(max_length=32)
+    content_id = pw.TextField(null=True)
+
+    class Meta:
+        primary_key = pw.CompositeKey("message", "index")
+
+
+MODELS = (Domain, Mailbox, Message, MessageBody, Attachment)

@@ -65,7 +65,8 @@ def cmd_ingest(args) -> int:
     workers = settings.ingest.workers if settings.ingest.workers >= 0 else (os.cpu_count() or 1)
     ingester = Ingester(store, settings.maildir_path, keep=settings.maildir.keep,
                         max_size=settings.maildir.max_message_size,
-                        rescan_interval=settings.maildir.rescan_interval, workers=workers)
+                        rescan_interval=settings.maildir.rescan_interval, workers=workers,
+                        auth=settings.auth_config())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: ingester.stop())
     ingester.run()

@@ -126,16 +126,30 @@ class SmtpSettings:
 class DnsSettings:
     # "host:port" strings; empty means the system resolver.
     servers: tuple[str, ...] = ()
-    timeout: float = 3.0
+    # Limit for one lookup, and for all lookups of one message together: a
+    # slow or dead DNS server yields "temperror", never a stalled ingester.
+    timeout: float = 2.0
+    budget: float = 5.0
 
     def validate(self, key: str) -> None:
         for server in self.servers:
             _parse_hostport(f"{key}.servers", server, default_port=53)
         if not 0 < self.timeout <= 60:
             raise ConfigError(f"{key}.timeout: must be between 0 and 60 seconds")
+        if not 0 < self.budget <= 120:
+            raise ConfigError(f"{key}.budget: must be between 0 and 120 seconds")
 
     def server_addresses(self) -> list[tuple[str, int]]:
         return [_parse_hostport("dns.servers", s, default_port=53) for s in self.servers]
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    # SPF, DKIM and DMARC on every message at ingest.
+    enabled: bool = True
+
+    def validate(self, key: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -150,6 +164,7 @@ class Settings:
     api: ApiSettings = ApiSettings()
     smtp: SmtpSettings = SmtpSettings()
     dns: DnsSettings = DnsSettings()
+    auth: AuthSettings = AuthSettings()
 
     # Derived paths: one place decides the defaults that hang off data_dir.
     @property
@@ -165,6 +180,13 @@ class Settings:
             if d.name == name:
                 return d
         return None
+
+    def auth_config(self) -> dict | None:
+        """What the ingester's Authenticator needs, as plain (picklable) data."""
+        if not self.auth.enabled:
+            return None
+        return {"servers": self.dns.server_addresses(), "timeout": self.dns.timeout,
+                "budget": self.dns.budget, "hostname": self.hostname}
 
     def validate(self) -> None:
         seen = set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,22 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _deliver_argv(data_dir: Path, maildir: Path) -> list[str]:
+    """The pipe transport's command: a standalone copy of deliver.py.
+
+    Postfix runs it as the unprivileged delivery user, who may not be able to
+    enter this virtual environment (under /root, say). deliver.py needs only
+    the standard library, so a copy beside the data and the system python3 do.
+    """
+    from .ingest import deliver
+    target = data_dir / "bin" / "mtasidecar-deliver"
+    target.parent.mkdir(exist_ok=True)
+    shutil.copyfile(deliver.__file__, target)
+    target.chmod(0o755)
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    return [python, str(target), "--maildir", str(maildir)]
+
+
 def run(settings: Settings, prepare_store) -> int:
     from .cli import gunicorn_argv
     from .mta.instance import PostfixInstance
@@ -65,7 +82,7 @@ def run(settings: Settings, prepare_store) -> int:
         data_dir / "postfix", settings.smtp.port, [(d.name, d.subdomains) for d in settings.domains],
         maildir, hostname=settings.hostname, message_size_limit=settings.smtp.message_size_limit,
         delivery=settings.smtp.delivery,
-        deliver_argv=[sys.executable, "-m", "mtasidecar", "deliver", "--maildir", str(maildir)],
+        deliver_argv=_deliver_argv(data_dir, maildir),
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -143,12 +145,24 @@ def stop_service(svc: Service) -> None:
     assert not leftover, f"processes outlived mtasidecar dev: {leftover}"
 
 
+def service_dir(prefix: str = "mtasidecar-test-") -> Path:
+    """A fresh directory Postfix's own users can enter.
+
+    pytest's tmp_path lives under a root-only (0700) directory, where the
+    postfix and delivery users cannot reach their queue and Maildir.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service():
     """The whole service (private Postfix, ingester, gunicorn) for a module's tests."""
-    data_dir = tmp_path_factory.mktemp("svc") / "data"
-    svc = start_service(data_dir, ["example.test", "*.sub.test"])
+    base = service_dir()
+    svc = start_service(base / "data", ["example.test", "*.sub.test"])
     try:
         yield svc
     finally:
         stop_service(svc)
+        shutil.rmtree(base, ignore_errors=True)

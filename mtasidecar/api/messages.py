@@ -52,6 +52,16 @@ def _limit(req, default: int, maximum: int) -> int:
     return int(text)
 
 
+def _auth_filter(req) -> bool | None:
+    value = req.get_param("auth")
+    if value is None:
+        return None
+    if value not in ("pass", "fail"):
+        raise bad_request("auth must be 'pass' (DMARC pass or DKIM pass for the From domain) or 'fail'",
+                          "bad_auth_filter")
+    return value == "pass"
+
+
 class Health:
     def __init__(self, store: Store):
         self.store = store
@@ -80,7 +90,7 @@ class MessageList:
         limit = _limit(req, 30, self.max_page)
         cursor = req.get_param("cursor")
         before = views.decode_cursor(cursor) if cursor else None
-        rows = await run(self.store.list_messages, mailbox.id, limit + 1, before)
+        rows = await run(self.store.list_messages, mailbox.id, limit + 1, before, _auth_filter(req))
         more = len(rows) > limit
         rows = rows[:limit]
         base = f"/api/v1/mailboxes/{quote(mailbox.address)}/messages"

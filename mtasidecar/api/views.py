@@ -62,6 +62,8 @@ def message_summary(row: dict, base: str) -> dict:
         "seen": bool(row["seen"]),
         "received_at": format_time(row["received_at"]),
         "parse_error": row["parse_error"],
+        # DMARC pass, or DKIM pass for the From domain; null when not checked.
+        "authenticated": row["authenticated"],
         "url": f"{base}/{mid}",
     }
 
@@ -82,6 +84,7 @@ def message_detail(row: dict, base: str) -> dict:
         "attachments": [dict(a, url=f"{url}/attachments/{a['index']}") for a in doc.get("attachments", [])],
         "headers": [{"name": k, "value": v} for k, v in doc.get("headers", [])],
         "parser": doc.get("parser"),
+        "auth": doc.get("auth"),
         "defects": doc.get("defects", []),
         "raw_url": f"{url}/raw",
     })

@@ -93,3 +93,9 @@ def main(argv: list[str], stdin=None) -> int:
         print(f"mtasidecar deliver: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     return EX_OK
+
+
+if __name__ == "__main__":
+    # Run as a plain script too: `mtasidecar dev` copies this file where the
+    # unprivileged pipe user can read it, next to a system python3.
+    sys.exit(main(sys.argv[1:]))

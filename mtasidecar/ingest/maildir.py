@@ -29,7 +29,7 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from ..store import Store
-from .pipeline import Pipeline, Prepared, prepare, spool_name
+from .pipeline import Pipeline, Prepared, prepare_many, spool_name
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +59,34 @@ class _Events(FileSystemEventHandler):
             self.push(event.dest_path)
 
 
-def _prepare_safe(path: str, max_size: int) -> Prepared | None:
-    """prepare() for a worker: a vanished file is None; any other failure is
-    raised to the parent, which keeps the file for a later try."""
-    try:
-        return prepare(path, max_size)
-    except FileNotFoundError:
+def make_authenticator(auth: dict | None):
+    """An Authenticator from plain settings (picklable, for worker processes)."""
+    if auth is None:
         return None
+    from ..mail.auth import Authenticator
+    return Authenticator(auth["servers"] or None, timeout=auth["timeout"], budget=auth["budget"],
+                         hostname=auth["hostname"])
 
 
-def _warm_worker() -> None:
+# Each worker process has its own Authenticator (and DNS cache).
+_worker_auth = None
+
+
+def _init_worker(auth: dict | None) -> None:
+    global _worker_auth
     # Import flanker (and build its tables) before the first file arrives.
     from ..mail import parse  # noqa: F401
+    _worker_auth = make_authenticator(auth)
+
+
+def _prepare_chunk(paths: list[str], max_size: int) -> list[Prepared]:
+    return prepare_many(paths, max_size, _worker_auth)
 
 
 class Ingester:
     def __init__(self, store: Store, maildir: Path, *, keep: bool = False,
-                 max_size: int = 50 * 1024 * 1024, rescan_interval: float = 30.0, workers: int = 0):
+                 max_size: int = 50 * 1024 * 1024, rescan_interval: float = 30.0, workers: int = 0,
+                 auth: dict | None = None):
         self.store = store
         self.maildir = Path(maildir)
         self.new_dir = self.maildir / "new"
@@ -83,6 +94,9 @@ class Ingester:
         self.max_size = max_size
         self.rescan_interval = rescan_interval
         self.workers = workers
+        # Sender checks: settings for make_authenticator, or None for off.
+        self.auth = auth
+        self.authenticator = make_authenticator(auth)
         self.queue: queue.SimpleQueue[str] = queue.SimpleQueue()
         # Names queued or in flight: a rescan must not queue them twice.
         self._pending: set[str] = set()
@@ -126,7 +140,7 @@ class Ingester:
         pool = None
         if self.workers > 0:
             pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                                          initializer=_warm_worker)
+                                          initializer=_init_worker, initargs=(self.auth,))
         try:
             backlog = self.rescan()
             log.info("watching %s (%d files waiting, %d worker processes)", self.new_dir, backlog, self.workers)
@@ -134,6 +148,8 @@ class Ingester:
         finally:
             observer.stop()
             observer.join(timeout=5)
+            if self.authenticator is not None:
+                self.authenticator.close()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
@@ -180,16 +196,21 @@ class Ingester:
     def _commit_inline(self, paths: list[str]) -> None:
         for i in range(0, len(paths), CHUNK):
             chunk = paths[i:i + CHUNK]
-            prepared = []
-            for p in chunk:
-                try:
-                    item = _prepare_safe(p, self.max_size)
-                except OSError as exc:
-                    log.error("cannot read %s: %s; will retry on rescan", p, exc)
-                    continue
-                if item is not None:
-                    prepared.append(item)
+            try:
+                prepared = prepare_many(chunk, self.max_size, self.authenticator)
+            except OSError:
+                prepared = self._prepare_one_by_one(chunk)
             self._commit(chunk, prepared)
+
+    def _prepare_one_by_one(self, chunk: list[str]) -> list[Prepared]:
+        """Isolate the file that cannot be read; the rest go on."""
+        prepared = []
+        for p in chunk:
+            try:
+                prepared += prepare_many([p], self.max_size, self.authenticator)
+            except OSError as exc:
+                log.error("cannot read %s: %s; will retry on rescan", p, exc)
+        return prepared
 
     def _commit_future(self, chunk: list[str], fut: cf.Future) -> None:
         try:
@@ -218,14 +239,6 @@ class Ingester:
         finally:
             self._release(chunk)
 
-
-def _prepare_chunk(paths: list[str], max_size: int) -> list[Prepared]:
-    out = []
-    for p in paths:
-        item = _prepare_safe(p, max_size)
-        if item is not None:
-            out.append(item)
-    return out
 
 
 def pending_names(maildir: Path) -> set[str]:

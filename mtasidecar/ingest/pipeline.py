@@ -53,37 +53,43 @@ def _document(parsed, envelope, routing_note: str | None) -> dict:
     return doc
 
 
-def prepare(path: str, max_size: int) -> Prepared:
-    """Read and parse one spool file. Never raises for bad mail; may raise OSError."""
-    name = spool_name(path)
-    st = os.stat(path)
-    received_at = st.st_mtime
-    if st.st_size > max_size:
-        # Too large to store: keep the file aside and store a visible row.
-        reason = f"message of {st.st_size} bytes exceeds the {max_size}-byte limit; file set aside"
-        record = NewMessage(spool_name=name, recipient=UNROUTED, received_at=received_at,
-                            size=st.st_size, raw_z=None, parse_error=reason,
-                            document_z=compress(json.dumps({"parse_error": reason}).encode()))
-        with open(path, "rb") as fh:  # the trace headers still route it
-            env = read_trace(fh.read(64 * 1024))
-        record.recipient = (env.recipient or env.original_recipient or UNROUTED)
-        record.envelope_from = env.sender
-        return Prepared(path, record, "set_aside")
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    env = read_trace(raw)
+def _set_aside(path: str, name: str, size: int, received_at: float, max_size: int) -> Prepared:
+    """Too large to store: the file goes aside, a visible row says why."""
+    reason = f"message of {size} bytes exceeds the {max_size}-byte limit; file set aside"
+    with open(path, "rb") as fh:  # the trace headers still route it
+        env = read_trace(fh.read(64 * 1024))
+    record = NewMessage(spool_name=name, recipient=(env.recipient or env.original_recipient or UNROUTED).lower(),
+                        received_at=received_at, size=size, raw_z=None, parse_error=reason,
+                        envelope_from=env.sender,
+                        document_z=compress(json.dumps({"parse_error": reason}).encode()))
+    return Prepared(path, record, "set_aside")
+
+
+def _authenticated(auth: dict) -> bool:
+    """DMARC pass, or a DKIM pass by the From domain (or a parent of it)."""
+    if auth["dmarc"]["result"] == "pass":
+        return True
+    from_domain = (auth["dmarc"].get("from_domain") or "").lower()
+    return bool(from_domain) and any(
+        d["result"] == "pass" and (from_domain == d["domain"] or from_domain.endswith("." + d["domain"]))
+        for d in auth["dkim"])
+
+
+def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dict | None) -> NewMessage:
     recipient = env.recipient or env.original_recipient
     note = None if recipient else "no Delivered-To or X-Original-To header: not delivered by Postfix"
     parsed = parse(raw)
+    doc = _document(parsed, env, note)
+    if auth is not None:
+        doc["auth"] = auth
     first_from = parsed.from_[0] if parsed.from_ else None
-    record = NewMessage(
+    return NewMessage(
         spool_name=name,
         recipient=(recipient or UNROUTED).lower(),
         received_at=received_at,
         size=len(raw),
         raw_z=compress(raw),
-        document_z=compress(json.dumps(_document(parsed, env, note), ensure_ascii=False,
-                                       default=str).encode()),
+        document_z=compress(json.dumps(doc, ensure_ascii=False, default=str).encode()),
         envelope_from=env.sender,
         from_name=first_from.name if first_from else "",
         from_address=first_from.address if first_from else "",
@@ -92,11 +98,51 @@ def prepare(path: str, max_size: int) -> Prepared:
         intro=make_intro(parsed.text, parsed.html),
         message_id=parsed.message_id,
         parse_error=parsed.parse_error,
+        spf=auth["spf"]["result"] if auth else None,
+        dmarc=auth["dmarc"]["result"] if auth else None,
+        authenticated=_authenticated(auth) if auth else None,
         attachments=[{"index": a.index, "filename": a.filename, "content_type": a.content_type,
                       "size": a.size, "disposition": a.disposition, "content_id": a.content_id}
                      for a in parsed.attachments],
     )
-    return Prepared(path, record, "remove")
+
+
+def prepare_many(paths: list[str], max_size: int, authenticator=None) -> list[Prepared]:
+    """Read, authenticate and parse spool files; vanished files are skipped.
+
+    Sender checks for the whole batch run concurrently (their DNS waits
+    overlap) before parsing. Bad mail never raises; an unreadable file raises
+    OSError and stays in the spool.
+    """
+    out: list[Prepared] = []
+    loaded = []  # (path, name, raw, mtime, envelope)
+    for path in paths:
+        try:
+            st = os.stat(path)
+            if st.st_size > max_size:
+                out.append(_set_aside(path, spool_name(path), st.st_size, st.st_mtime, max_size))
+                continue
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            continue  # retired by another pass already
+        loaded.append((path, spool_name(path), raw, st.st_mtime, read_trace(raw)))
+    auths = [None] * len(loaded)
+    if authenticator is not None and loaded:
+        results = authenticator.check_many(
+            [(raw, env.sender, env.client_ip, env.client_helo) for _p, _n, raw, _t, env in loaded])
+        auths = [r.to_dict() for r in results]
+    for (path, name, raw, mtime, env), auth in zip(loaded, auths):
+        out.append(Prepared(path, _record(path, name, raw, mtime, env, auth), "remove"))
+    return out
+
+
+def prepare(path: str, max_size: int, authenticator=None) -> Prepared:
+    """One file through ``prepare_many``; FileNotFoundError if it is gone."""
+    done = prepare_many([path], max_size, authenticator)
+    if not done:
+        raise FileNotFoundError(path)
+    return done[0]
 
 
 class Pipeline:
@@ -140,12 +186,6 @@ class Pipeline:
             pass  # another ingester (or a rescan) retired it already
 
 
-def ingest_files(pipeline: Pipeline, paths: list[str], max_size: int) -> int:
+def ingest_files(pipeline: Pipeline, paths: list[str], max_size: int, authenticator=None) -> int:
     """Prepare and commit ``paths`` in this process (tests, small batches)."""
-    batch = []
-    for path in paths:
-        try:
-            batch.append(prepare(path, max_size))
-        except FileNotFoundError:
-            continue
-    return pipeline.commit(batch)
+    return pipeline.commit(prepare_many(paths, max_size, authenticator))

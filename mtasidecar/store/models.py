@@ -60,6 +60,11 @@ class Message(BaseModel):
     has_attachments = pw.BooleanField(default=False)
     seen = pw.BooleanField(default=False)
     parse_error = pw.TextField(null=True)
+    # Sender-authentication verdicts (null when checks were off): the full
+    # results live in the body document; these serve list filters.
+    spf = pw.CharField(max_length=16, null=True)
+    dmarc = pw.CharField(max_length=16, null=True)
+    authenticated = pw.BooleanField(null=True)
 
     class Meta:
         indexes = ((("mailbox", "id"), False),)

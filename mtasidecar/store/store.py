@@ -39,6 +39,9 @@ class NewMessage:
     intro: str = ""
     message_id: str | None = None
     parse_error: str | None = None
+    spf: str | None = None
+    dmarc: str | None = None
+    authenticated: bool | None = None
     attachments: list = field(default_factory=list)  # dicts: index, filename, content_type, size, disposition, content_id
 
 
@@ -124,7 +127,7 @@ class Store:
                     from_name=m.from_name, from_address=m.from_address,
                     to_json=json.dumps(m.to, ensure_ascii=False), subject=m.subject, intro=m.intro,
                     message_id=m.message_id, size=m.size, has_attachments=bool(m.attachments),
-                    parse_error=m.parse_error,
+                    parse_error=m.parse_error, spf=m.spf, dmarc=m.dmarc, authenticated=m.authenticated,
                 ).execute()
                 MessageBody.insert(message=msg_id, raw=m.raw_z, document=m.document_z).execute()
                 if m.attachments:
@@ -173,13 +176,20 @@ class Store:
     LIST_FIELDS = (Message.id, Message.received_at, Message.envelope_from, Message.from_name,
                    Message.from_address, Message.to_json, Message.subject, Message.intro,
                    Message.size, Message.has_attachments, Message.seen, Message.parse_error,
-                   Message.message_id)
+                   Message.message_id, Message.spf, Message.dmarc, Message.authenticated)
 
-    def list_messages(self, mailbox_id: int, limit: int, before_id: int | None = None) -> list[dict]:
-        """Newest first; ``before_id`` continues a previous page (keyset pagination)."""
+    def list_messages(self, mailbox_id: int, limit: int, before_id: int | None = None,
+                      authenticated: bool | None = None) -> list[dict]:
+        """Newest first; ``before_id`` continues a previous page (keyset pagination).
+
+        ``authenticated`` keeps only messages whose sender was (or was not)
+        authenticated: DMARC pass, or DKIM pass for the From domain.
+        """
         q = Message.select(*self.LIST_FIELDS).where(Message.mailbox == mailbox_id)
         if before_id is not None:
             q = q.where(Message.id < before_id)
+        if authenticated is not None:
+            q = q.where(Message.authenticated == authenticated)
         return list(q.order_by(Message.id.desc()).limit(limit).dicts())
 
     def get_message(self, mailbox_id: int, message_id: int) -> dict | None:

@@ -207,11 +207,20 @@ def _check_port(key: str, port: int) -> None:
 
 
 def _parse_hostport(key: str, text: str, default_port: int) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
+    """'host', 'host:port', 'v4:port', '[v6]', '[v6]:port' or a bare IPv6 address (no port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{key}: {text!r} is not host:port")
+        port = rest[1:] if rest else str(default_port)
+    elif text.count(":") > 1:  # a bare IPv6 address cannot carry a port
         host, port = text, str(default_port)
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    else:
+        host, sep, port = text.partition(":")
+        if not sep:
+            port = str(default_port)
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"{key}: {text!r} is not host:port")
     return host, int(port)
 

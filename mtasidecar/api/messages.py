@@ -47,7 +47,7 @@ def _limit(req, default: int, maximum: int) -> int:
     text = req.get_param("limit")
     if text is None:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= maximum:
+    if not (text.isascii() and text.isdigit()) or len(text) > 9 or not 1 <= int(text) <= maximum:
         raise bad_request(f"limit must be a whole number from 1 to {maximum}", "bad_limit")
     return int(text)
 
@@ -87,7 +87,7 @@ class MessageList:
 
     async def on_get(self, req, resp, address):
         mailbox = await self.access.mailbox(req, address)
-        limit = _limit(req, 30, self.max_page)
+        limit = _limit(req, min(30, self.max_page), self.max_page)
         cursor = req.get_param("cursor")
         before = views.decode_cursor(cursor) if cursor else None
         rows = await run(self.store.list_messages, mailbox.id, limit + 1, before, _auth_filter(req))
@@ -159,7 +159,7 @@ class MessageAttachment:
 
     async def on_get(self, req, resp, address, message_id, index):
         mailbox = await self.access.mailbox(req, address)
-        if not index.isdigit() or len(index) > 6:
+        if not (index.isascii() and index.isdigit()) or len(index) > 6:
             raise bad_request(f"malformed attachment number {index!r}", "malformed_index")
         found, raw = await run(self.store.get_raw, mailbox.id, views.parse_id(message_id))
         if not found or raw is None:
@@ -193,7 +193,7 @@ async def _json_body(req) -> dict:
         raise ApiError(413, "body_too_large", f"request body over {MAX_BODY} bytes")
     try:
         body = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}", "malformed_json") from None
     if not isinstance(body, dict):
         raise unprocessable("request body must be a JSON object", "invalid_body")

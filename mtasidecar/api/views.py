@@ -12,9 +12,11 @@ import json
 import re
 from datetime import datetime, timezone
 
-from .errors import bad_request
+from .errors import bad_request, not_found
 
-_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+_ID_RE = re.compile(r"[0-9a-f]{24}")
+# Row ids are signed 64-bit integers (SQLite INTEGER, PostgreSQL BIGINT).
+MAX_DB_ID = 2**63 - 1
 
 
 def format_id(n: int) -> str:
@@ -23,9 +25,13 @@ def format_id(n: int) -> str:
 
 
 def parse_id(text: str, what: str = "message id") -> int:
-    if not _ID_RE.match(text or ""):
+    if not _ID_RE.fullmatch(text or ""):
         raise bad_request(f"malformed {what} {text!r}: expected 24 hexadecimal digits", "malformed_id")
-    return int(text, 16)
+    n = int(text, 16)
+    if n > MAX_DB_ID:
+        # Well-formed (mail.tm-style ids look like this) but no row can have it.
+        raise not_found(f"no {what} {text}", "message_not_found")
+    return n
 
 
 def format_time(epoch: float | None) -> str | None:
@@ -42,7 +48,8 @@ def decode_cursor(text: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
         version, _, value = raw.partition(":")
-        if version == "v1" and value.isdigit():
+        if version == "v1" and value.isascii() and value.isdigit() and len(value) <= 19 \
+                and int(value) <= MAX_DB_ID:
             return int(value)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass

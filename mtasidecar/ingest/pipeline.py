@@ -162,11 +162,11 @@ class Pipeline:
         """
         if not batch:
             return 0
-        ids = self.store.ingest([p.record for p in batch])
-        new = sum(1 for p in batch if ids.get(p.record.spool_name))
+        new: set[str] = set()
+        self.store.ingest([p.record for p in batch], new=new)
         for p in batch:
             self._retire(p)
-        return new
+        return len(new)
 
     def _retire(self, p: Prepared) -> None:
         try:

@@ -102,11 +102,12 @@ class Store:
 
     # -- ingest --------------------------------------------------------------
 
-    def ingest(self, items: list[NewMessage]) -> dict[str, int]:
+    def ingest(self, items: list[NewMessage], new: set[str] | None = None) -> dict[str, int]:
         """Store a batch in ONE transaction; returns spool_name → message id.
 
         Files already stored (a crash between commit and unlink) are skipped
         and reported with their existing id, so the caller can remove them.
+        ``new``, if given, receives the spool names this call inserted.
         """
         if not items:
             return {}
@@ -133,6 +134,8 @@ class Store:
                 if m.attachments:
                     Attachment.insert_many([dict(a, message=msg_id) for a in m.attachments]).execute()
                 done[m.spool_name] = msg_id
+                if new is not None:
+                    new.add(m.spool_name)
                 c = counts.setdefault(mb, [0, 0])
                 c[0] += 1
                 c[1] += m.size

@@ -16,6 +16,7 @@ second also accepts any subdomain), comma-separated.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import socket
@@ -39,10 +40,38 @@ class DomainSettings:
     # Accept mail for any subdomain too (k3x9@q7.mail.example.com): addresses
     # that blocklists have never seen.
     subdomains: bool = False
+    # "private": only mailboxes made through the API receive, each readable
+    # with its token; every other address is refused at RCPT (550).
+    # "public": a catch-all anyone can read who knows the address.
+    mode: str = "private"
+    # New mailboxes get a random third-level label (x@q7f3k.example.com)
+    # unless the request names one; needs subdomains = true.
+    random_subdomain: bool = False
+    # Mailbox lifetime in seconds: the default, and the most a request (or an
+    # extension) may ask for.
+    default_ttl: int = 3600
+    max_ttl: int = 7 * 86400
+    # Messages older than this are swept, whatever the mailbox's lifetime.
+    retention: int = 7 * 86400
+    # Per-mailbox caps; above them the sweeper drops the oldest messages
+    # (temporary inboxes care about the newest mail).
+    max_messages: int = 1000
+    max_bytes: int = 100 * 1024 * 1024
 
     def validate(self, key: str) -> None:
         if not _DOMAIN_RE.match(self.name):
             raise ConfigError(f"{key}.name: {self.name!r} is not a valid domain name")
+        if self.mode not in ("private", "public"):
+            raise ConfigError(f"{key}.mode: must be 'private' or 'public', not {self.mode!r}")
+        if self.random_subdomain and not self.subdomains:
+            raise ConfigError(f"{key}.random_subdomain: needs subdomains = true")
+        if not 60 <= self.default_ttl <= self.max_ttl:
+            raise ConfigError(f"{key}.default_ttl: must be at least 60 and at most max_ttl ({self.max_ttl})")
+        if self.max_ttl > 365 * 86400:
+            raise ConfigError(f"{key}.max_ttl: at most a year (31536000)")
+        for name in ("retention", "max_messages", "max_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}: must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -82,13 +111,68 @@ class ApiSettings:
     # Largest page a list request may ask for.
     max_page_size: int = 100
     access_log: bool = False
+    # Opens the operator routes (/api/v1/admin/...); empty: they are off.
+    operator_token: str = ""
+    # Per client IP: mailbox creations and failed authentications per second
+    # (burst: twice that). mail.tm allows about 8 requests/s.
+    create_rate: float = 8.0
+    auth_failure_rate: float = 8.0
+    # Proxies whose X-Forwarded-For is believed (exact IPs).
+    trusted_proxies: tuple[str, ...] = ()
 
     def validate(self, key: str) -> None:
         _check_port(f"{key}.port", self.port)
+        if self.operator_token and len(self.operator_token) < 24:
+            raise ConfigError(f"{key}.operator_token: use at least 24 random characters")
+        for name in ("create_rate", "auth_failure_rate"):
+            if not 0 < getattr(self, name) <= 1_000_000:
+                raise ConfigError(f"{key}.{name}: must be > 0")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"{key}.workers: must be between 1 and 64")
         if not 1 <= self.max_page_size <= 1000:
             raise ConfigError(f"{key}.max_page_size: must be between 1 and 1000")
+
+
+@dataclass(frozen=True)
+class MailboxSettings:
+    # Local parts nobody may create (on any domain).
+    reserved: tuple[str, ...] = ("postmaster", "abuse", "hostmaster", "webmaster", "noreply",
+                                 "no-reply", "mailer-daemon", "root", "admin", "administrator")
+    # Length of random local parts (lowercase letters and digits: 36**12 ≈ 2**62).
+    random_length: int = 12
+    # Attachments served only as "blocked" (still in the raw message).
+    blocked_extensions: tuple[str, ...] = ("exe", "bat", "cmd", "com", "scr", "js", "jse", "vbs", "vbe",
+                                           "jar", "ps1", "msi", "msp", "hta", "cpl", "pif", "lnk", "wsf",
+                                           "reg", "dll", "apk", "app", "iso", "docm", "xlsm")
+    blocked_types: tuple[str, ...] = ("application/x-msdownload", "application/x-msdos-program",
+                                      "application/x-ms-installer", "application/x-sh",
+                                      "application/java-archive", "application/vnd.microsoft.portable-executable")
+
+    def validate(self, key: str) -> None:
+        if not 10 <= self.random_length <= 64:
+            raise ConfigError(f"{key}.random_length: must be between 10 and 64")
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    # The Postfix policy service (`mtasidecar policy`): "host:port" or
+    # "unix:/path". Empty: no policy service in Postfix's path.
+    listen: str = "127.0.0.1:10040"
+    # Messages per client IP per window before 450 4.7.1.
+    rate_limit: int = 120
+    rate_window: float = 60.0
+    # Recipients per message before 452 4.5.3.
+    max_recipients: int = 50
+    # When the policy service does not answer: "DUNNO" accepts (fail-open;
+    # Postfix still refuses foreign domains and sizes itself), anything else
+    # like "DEFER_IF_PERMIT ..." makes senders retry.
+    default_action: str = "DUNNO"
+
+    def validate(self, key: str) -> None:
+        if self.listen and not self.listen.startswith("unix:"):
+            _parse_hostport(f"{key}.listen", self.listen, default_port=10040)
+        if self.rate_limit < 1 or self.rate_window <= 0 or self.max_recipients < 1:
+            raise ConfigError(f"{key}: rate_limit, rate_window and max_recipients must be positive")
 
 
 @dataclass(frozen=True)
@@ -153,6 +237,21 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class MailTmSettings:
+    # The Mercure hub URL that mail.tm clients are told to use (they take it
+    # as a setting of its own, apart from the API's base URL). The API server
+    # always serves the hub at /.well-known/mercure; set this when a proxy
+    # publishes it elsewhere (https://mail.example.com/.well-known/mercure).
+    # Empty: /.well-known/mercure on the API server itself. Advertised in a
+    # `Link: <...>; rel="mercure"` header on mail.tm responses.
+    mercure_url: str = ""
+
+    def validate(self, key: str) -> None:
+        if self.mercure_url and not re.match(r"^(https?://[^\s/]+|/)[^\s]*$", self.mercure_url):
+            raise ConfigError(f"{key}.mercure_url: must be an http(s) URL or a path starting with /")
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: str = "/var/lib/mtasidecar"
     # Our name in Authentication-Results and Postfix's myhostname.
@@ -165,6 +264,9 @@ class Settings:
     smtp: SmtpSettings = SmtpSettings()
     dns: DnsSettings = DnsSettings()
     auth: AuthSettings = AuthSettings()
+    mailboxes: MailboxSettings = MailboxSettings()
+    policy: PolicySettings = PolicySettings()
+    mailtm: MailTmSettings = MailTmSettings()
 
     # Derived paths: one place decides the defaults that hang off data_dir.
     @property
@@ -180,6 +282,10 @@ class Settings:
             if d.name == name:
                 return d
         return None
+
+    def blocklist(self):
+        from .mail.blocklist import Blocklist
+        return Blocklist.of(self.mailboxes.blocked_extensions, self.mailboxes.blocked_types)
 
     def auth_config(self) -> dict | None:
         """What the ingester's Authenticator needs, as plain (picklable) data."""
@@ -282,13 +388,30 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def _domains_from_env(name: str, value: str) -> list[dict]:
+    if value.lstrip().startswith("["):
+        try:
+            domains = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: not valid JSON: {exc}") from None
+        if not isinstance(domains, list) or not all(isinstance(d, dict) for d in domains):
+            raise ConfigError(f"{name}: expected a JSON list of tables")
+        return domains
+    return parse_domain_list(value)
+
+
 def parse_domain_list(text: str) -> list[dict]:
-    """'a.test,*.b.test' → domain tables; '*.' means subdomains are accepted too."""
+    """'a.test,*.b.test,public:*.c.test' → domain tables.
+
+    '*.' means subdomains are accepted too; 'public:' makes a catch-all
+    anyone can read (the default is private).
+    """
     out = []
     for item in (p.strip().lower() for p in text.split(",")):
         if item:
+            mode, sep, item = item.partition(":") if item.startswith(("public:", "private:")) else ("private", "", item)
             sub = item.startswith("*.")
-            out.append({"name": item[2:] if sub else item, "subdomains": sub})
+            out.append({"name": item[2:] if sub else item, "subdomains": sub, "mode": mode})
     return out
 
 
@@ -305,7 +428,7 @@ def _env_overrides(environ: typing.Mapping[str, str]) -> dict:
         if rest == "config":
             continue  # the file path itself
         if rest == "domains":
-            out["domains"] = parse_domain_list(value)
+            out["domains"] = _domains_from_env(name, value)
         elif rest in top:
             out[rest] = value
         else:
@@ -358,7 +481,8 @@ def load(path: str | os.PathLike | None = None, environ: typing.Mapping[str, str
 def to_environ(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process load exactly these settings."""
     env = {ENV_PREFIX + "DATA_DIR": settings.data_dir, ENV_PREFIX + "HOSTNAME": settings.hostname,
-           ENV_PREFIX + "DOMAINS": ",".join(("*." if d.subdomains else "") + d.name for d in settings.domains)}
+           # JSON keeps every per-domain setting (the short form has only three).
+           ENV_PREFIX + "DOMAINS": json.dumps([dataclasses.asdict(d) for d in settings.domains])}
     for f in dataclasses.fields(settings):
         section = getattr(settings, f.name)
         if not dataclasses.is_dataclass(section) or isinstance(section, type):

@@ -16,8 +16,11 @@ import falcon.asgi
 
 from ..config import Settings
 from ..store import Store
-from . import errors
-from .messages import Access, Domains, Health, MessageAttachment, MessageItem, MessageList, MessageRaw
+from . import errors, mailtm
+from .access import Access
+from .mailboxes import AdminMailboxes, AdminStats, MailboxItem, Mailboxes
+from .messages import Domains, Health, MessageAttachment, MessageEvents, MessageItem, MessageList, MessageRaw
+from .waiting import Watcher
 
 API = "/api/v1"
 
@@ -32,7 +35,8 @@ class OpenApi:
 
 def create_app(settings: Settings, store: Store | None = None) -> falcon.asgi.App:
     store = store or Store(settings.database_url)
-    access = Access(store)
+    access = Access(store, settings)
+    watcher = Watcher(store)
     app = falcon.asgi.App(cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(errors.serialize)
@@ -41,9 +45,16 @@ def create_app(settings: Settings, store: Store | None = None) -> falcon.asgi.Ap
     app.add_route("/healthz", Health(store))
     app.add_route(f"{API}/openapi.json", OpenApi())
     app.add_route(f"{API}/domains", Domains(store))
+    app.add_route(f"{API}/mailboxes", Mailboxes(store, settings, access))
     mb = f"{API}/mailboxes/{{address}}"
-    app.add_route(f"{mb}/messages", MessageList(store, access, settings.api.max_page_size))
+    app.add_route(mb, MailboxItem(store, settings, access))
+    app.add_route(f"{mb}/messages", MessageList(store, access, settings.api.max_page_size, watcher))
+    app.add_route(f"{mb}/events", MessageEvents(store, access, watcher))
     app.add_route(f"{mb}/messages/{{message_id}}", MessageItem(store, access))
     app.add_route(f"{mb}/messages/{{message_id}}/raw", MessageRaw(store, access))
     app.add_route(f"{mb}/messages/{{message_id}}/attachments/{{index}}", MessageAttachment(store, access))
+    app.add_route(f"{API}/admin/mailboxes", AdminMailboxes(store, access, settings.api.max_page_size))
+    app.add_route(f"{API}/admin/stats", AdminStats(store, access))
+    # mail.tm's API at the root: a mail.tm client only changes its base URL.
+    mailtm.register(app, store, settings, access, watcher)
     return app

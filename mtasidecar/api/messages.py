@@ -3,53 +3,28 @@
 Resources are thin: they check input, ask the Store (in a worker thread, so
 the event loop never waits on SQLite) and shape the answer via ``views``.
 Which mailbox a request may touch is decided in one place,
-:meth:`Access.mailbox`.
+:meth:`access.Access.mailbox`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from urllib.parse import quote
 
 import falcon
+from falcon.asgi import SSEvent
 
 from ..mail.parse import attachment_bytes
-from ..store import Store
+from ..store import MessageFilter, Store
 from . import views
+from .access import Access
 from .errors import ApiError, bad_request, not_found, unprocessable
+from .inputs import json_body, page_limit
+from .waiting import Watcher
 
 run = asyncio.to_thread
 
-_ADDRESS_RE = re.compile(r"^[^@\s]{1,64}@[a-z0-9.-]{1,253}$")
-JSON_TYPES = ("application/json", "application/merge-patch+json")
-MAX_BODY = 64 * 1024
-
-
-class Access:
-    """Resolves the mailbox a request names. The single place access is decided."""
-
-    def __init__(self, store: Store):
-        self.store = store
-
-    async def mailbox(self, req, address: str):
-        address = address.lower()
-        if len(address) > 320 or not _ADDRESS_RE.match(address):
-            raise bad_request(f"malformed address {address!r}", "malformed_address")
-        mailbox = await run(self.store.mailbox, address)
-        if mailbox is None:
-            raise not_found(f"no mailbox {address}", "mailbox_not_found")
-        return mailbox
-
-
-def _limit(req, default: int, maximum: int) -> int:
-    text = req.get_param("limit")
-    if text is None:
-        return default
-    if not (text.isascii() and text.isdigit()) or len(text) > 9 or not 1 <= int(text) <= maximum:
-        raise bad_request(f"limit must be a whole number from 1 to {maximum}", "bad_limit")
-    return int(text)
 
 
 def _auth_filter(req) -> bool | None:
@@ -77,20 +52,63 @@ class Domains:
 
     async def on_get(self, req, resp):
         rows = await run(self.store.list_domains)
-        resp.media = {"items": [{"id": views.format_id(d.id), "name": d.name, "subdomains": d.subdomains}
-                                for d in rows]}
+        resp.media = {"items": [{"id": views.format_id(d.id), "name": d.name, "subdomains": d.subdomains,
+                                 "mode": d.mode} for d in rows]}
+
+
+MAX_WAIT = 300
+_FILTER_TEXT_MAX = 320
+
+
+def _text_param(req, name: str) -> str | None:
+    value = req.get_param(name)
+    if value is not None and (not value or len(value) > _FILTER_TEXT_MAX):
+        raise bad_request(f"{name} must be 1 to {_FILTER_TEXT_MAX} characters", f"bad_{name}")
+    return value
+
+
+def message_filter(req) -> MessageFilter | None:
+    """?after=ID&from=&subject=&to=&has=code|link, or None when none is given."""
+    after, has = req.get_param("after"), req.get_param("has")
+    if has not in (None, "code", "link"):
+        raise bad_request("has must be 'code' or 'link'", "bad_has")
+    f = MessageFilter(
+        after_id=views.parse_id(after, "after id") if after is not None else None,
+        sender=_text_param(req, "from"), subject=_text_param(req, "subject"),
+        recipient=_text_param(req, "to"),
+        has_code=True if has == "code" else None, has_link=True if has == "link" else None)
+    return f if f != MessageFilter() else None
+
+
+def _wait_seconds(req) -> float | None:
+    text = req.get_param("wait")
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 4 or int(text) > MAX_WAIT:
+        raise bad_request(f"wait must be whole seconds from 0 to {MAX_WAIT}", "bad_wait")
+    return float(text)
 
 
 class MessageList:
-    def __init__(self, store: Store, access: Access, max_page: int):
-        self.store, self.access, self.max_page = store, access, max_page
+    """The list, and long-polling: ?wait=S holds the answer until a matching message arrives."""
+
+    def __init__(self, store: Store, access: Access, max_page: int, watcher: Watcher):
+        self.store, self.access, self.max_page, self.watcher = store, access, max_page, watcher
 
     async def on_get(self, req, resp, address):
         mailbox = await self.access.mailbox(req, address)
-        limit = _limit(req, min(30, self.max_page), self.max_page)
+        limit = page_limit(req, min(30, self.max_page), self.max_page)
         cursor = req.get_param("cursor")
         before = views.decode_cursor(cursor) if cursor else None
-        rows = await run(self.store.list_messages, mailbox.id, limit + 1, before, _auth_filter(req))
+        auth, filters, wait = _auth_filter(req), message_filter(req), _wait_seconds(req)
+
+        def query():
+            return self.store.list_messages(mailbox.id, limit + 1, before, auth, filters)
+
+        if wait:
+            rows = await self.watcher.rows_when_ready(mailbox.id, query, wait)
+        else:
+            rows = await run(query)
         more = len(rows) > limit
         rows = rows[:limit]
         base = f"/api/v1/mailboxes/{quote(mailbox.address)}/messages"
@@ -98,6 +116,46 @@ class MessageList:
             "items": [views.message_summary(r, base) for r in rows],
             "next_cursor": views.encode_cursor(rows[-1]["id"]) if more else None,
         }
+
+
+class MessageEvents:
+    """GET .../events: Server-Sent Events, one ``message`` event per new message.
+
+    Resumes after ``Last-Event-ID`` (or ?after=ID); without either, only mail
+    arriving from now on is sent. A comment every ``HEARTBEAT`` seconds keeps
+    proxies from closing the stream and tells us when the client is gone.
+    """
+
+    HEARTBEAT = 15.0
+
+    def __init__(self, store: Store, access: Access, watcher: Watcher):
+        self.store, self.access, self.watcher = store, access, watcher
+
+    async def on_get(self, req, resp, address):
+        mailbox = await self.access.mailbox(req, address)
+        resume = req.get_header("Last-Event-ID") or req.get_param("after")
+        after = views.parse_id(resume, "Last-Event-ID") if resume else None
+        if after is None:
+            after = await run(self.store.max_message_id)
+        base = f"/api/v1/mailboxes/{quote(mailbox.address)}/messages"
+        resp.set_header("Cache-Control", "no-cache")
+        resp.set_header("X-Accel-Buffering", "no")  # nginx: pass events through at once
+        resp.sse = self._events(mailbox.id, after, base)
+
+    async def _events(self, mailbox_id: int, after: int, base: str):
+        # First bytes at once: the client knows the stream is open.
+        yield SSEvent(comment="mtasidecar events", retry=3000)
+        while True:
+            rows = await self.watcher.rows_when_ready(
+                mailbox_id, lambda: self.store.list_messages(mailbox_id, 100, filters=MessageFilter(after_id=after)),
+                self.HEARTBEAT)
+            if not rows:
+                yield SSEvent(comment="keep-alive")
+                continue
+            for row in reversed(rows):  # oldest first
+                after = row["id"]
+                yield SSEvent(event="message", event_id=views.format_id(row["id"]),
+                              json=views.message_summary(row, base))
 
 
 class MessageItem:
@@ -117,7 +175,7 @@ class MessageItem:
 
     async def on_patch(self, req, resp, address, message_id):
         mailbox, mid = await self._target(req, address, message_id)
-        body = await _json_body(req)
+        body = await json_body(req)
         unknown = set(body) - {"seen"}
         if unknown:
             raise unprocessable(f"unknown field(s): {', '.join(sorted(unknown))}; only 'seen' can change",
@@ -161,7 +219,11 @@ class MessageAttachment:
         mailbox = await self.access.mailbox(req, address)
         if not (index.isascii() and index.isdigit()) or len(index) > 6:
             raise bad_request(f"malformed attachment number {index!r}", "malformed_index")
-        found, raw = await run(self.store.get_raw, mailbox.id, views.parse_id(message_id))
+        mid = views.parse_id(message_id)
+        reason = await run(self.store.attachment_blocked, mailbox.id, mid, int(index))
+        if reason:
+            raise ApiError(403, "attachment_blocked", f"not served: {reason}; it is still in the raw message")
+        found, raw = await run(self.store.get_raw, mailbox.id, mid)
         if not found or raw is None:
             raise not_found(f"no message {message_id} in {mailbox.address}", "message_not_found")
         hit = await run(attachment_bytes, raw, int(index))
@@ -179,22 +241,3 @@ class MessageAttachment:
 def _disposition(filename: str) -> str:
     ascii_name = re.sub(r'[^A-Za-z0-9._ -]', "_", filename)[:200] or "attachment"
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
-
-
-async def _json_body(req) -> dict:
-    ctype = (req.content_type or "").split(";", 1)[0].strip().lower()
-    if ctype not in JSON_TYPES:
-        raise ApiError(415, "unsupported_media_type",
-                       f"send JSON (Content-Type: application/json), not {ctype or 'nothing'}")
-    if (req.content_length or 0) > MAX_BODY:
-        raise ApiError(413, "body_too_large", f"request body over {MAX_BODY} bytes")
-    raw = await req.stream.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, "body_too_large", f"request body over {MAX_BODY} bytes")
-    try:
-        body = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise bad_request(f"request body is not valid JSON: {exc}", "malformed_json") from None
-    if not isinstance(body, dict):
-        raise unprocessable("request body must be a JSON object", "invalid_body")
-    return body

@@ -28,6 +28,7 @@ import peewee as pw
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
+from ..mail.blocklist import Blocklist
 from ..store import Store
 from .pipeline import Pipeline, Prepared, prepare_many, spool_name
 
@@ -70,23 +71,25 @@ def make_authenticator(auth: dict | None):
 
 # Each worker process has its own Authenticator (and DNS cache).
 _worker_auth = None
+_worker_blocked = None
 
 
-def _init_worker(auth: dict | None) -> None:
-    global _worker_auth
+def _init_worker(auth: dict | None, blocked: Blocklist | None) -> None:
+    global _worker_auth, _worker_blocked
     # Import flanker (and build its tables) before the first file arrives.
     from ..mail import parse  # noqa: F401
     _worker_auth = make_authenticator(auth)
+    _worker_blocked = blocked
 
 
 def _prepare_chunk(paths: list[str], max_size: int) -> list[Prepared]:
-    return prepare_many(paths, max_size, _worker_auth)
+    return prepare_many(paths, max_size, _worker_auth, _worker_blocked)
 
 
 class Ingester:
     def __init__(self, store: Store, maildir: Path, *, keep: bool = False,
                  max_size: int = 50 * 1024 * 1024, rescan_interval: float = 30.0, workers: int = 0,
-                 auth: dict | None = None):
+                 auth: dict | None = None, blocked: Blocklist | None = None):
         self.store = store
         self.maildir = Path(maildir)
         self.new_dir = self.maildir / "new"
@@ -97,6 +100,7 @@ class Ingester:
         # Sender checks: settings for make_authenticator, or None for off.
         self.auth = auth
         self.authenticator = make_authenticator(auth)
+        self.blocked = blocked
         self.queue: queue.SimpleQueue[str] = queue.SimpleQueue()
         # Names queued or in flight: a rescan must not queue them twice.
         self._pending: set[str] = set()
@@ -140,7 +144,7 @@ class Ingester:
         pool = None
         if self.workers > 0:
             pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                                          initializer=_init_worker, initargs=(self.auth,))
+                                          initializer=_init_worker, initargs=(self.auth, self.blocked))
         try:
             backlog = self.rescan()
             log.info("watching %s (%d files waiting, %d worker processes)", self.new_dir, backlog, self.workers)
@@ -197,7 +201,7 @@ class Ingester:
         for i in range(0, len(paths), CHUNK):
             chunk = paths[i:i + CHUNK]
             try:
-                prepared = prepare_many(chunk, self.max_size, self.authenticator)
+                prepared = prepare_many(chunk, self.max_size, self.authenticator, self.blocked)
             except OSError:
                 prepared = self._prepare_one_by_one(chunk)
             self._commit(chunk, prepared)
@@ -207,7 +211,7 @@ class Ingester:
         prepared = []
         for p in chunk:
             try:
-                prepared += prepare_many([p], self.max_size, self.authenticator)
+                prepared += prepare_many([p], self.max_size, self.authenticator, self.blocked)
             except OSError as exc:
                 log.error("cannot read %s: %s; will retry on rescan", p, exc)
         return prepared

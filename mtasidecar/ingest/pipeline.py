@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..mail.envelope import read_trace
+from ..mail.blocklist import Blocklist
+from ..mail.parse import attachment_bytes, parse
 from ..mail.parse import intro as make_intro
-from ..mail.parse import parse
 from ..store import NewMessage, Store, compress
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,28 @@ def _authenticated(auth: dict) -> bool:
         for d in auth["dkim"])
 
 
-def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dict | None) -> NewMessage:
+def _mark_blocked(parsed, raw: bytes, blocked: Blocklist | None) -> dict[int, str]:
+    """index → reason for each attachment the blocklist refuses."""
+    if blocked is None:
+        return {}
+    out = {}
+    for a in parsed.attachments:
+        reason = blocked.reason(a.filename, a.content_type,
+                                lambda i=a.index: (attachment_bytes(raw, i) or (None, None))[1])
+        if reason:
+            out[a.index] = reason
+    return out
+
+
+def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dict | None,
+            blocked: Blocklist | None) -> NewMessage:
     recipient = env.recipient or env.original_recipient
     note = None if recipient else "no Delivered-To or X-Original-To header: not delivered by Postfix"
     parsed = parse(raw)
     doc = _document(parsed, env, note)
+    refused = _mark_blocked(parsed, raw, blocked)
+    for a in doc.get("attachments", []):
+        a["blocked"] = refused.get(a["index"])
     if auth is not None:
         doc["auth"] = auth
     first_from = parsed.from_[0] if parsed.from_ else None
@@ -102,12 +120,14 @@ def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dic
         dmarc=auth["dmarc"]["result"] if auth else None,
         authenticated=_authenticated(auth) if auth else None,
         attachments=[{"index": a.index, "filename": a.filename, "content_type": a.content_type,
-                      "size": a.size, "disposition": a.disposition, "content_id": a.content_id}
+                      "size": a.size, "disposition": a.disposition, "content_id": a.content_id,
+                      "blocked": refused.get(a.index)}
                      for a in parsed.attachments],
     )
 
 
-def prepare_many(paths: list[str], max_size: int, authenticator=None) -> list[Prepared]:
+def prepare_many(paths: list[str], max_size: int, authenticator=None,
+                 blocked: Blocklist | None = None) -> list[Prepared]:
     """Read, authenticate and parse spool files; vanished files are skipped.
 
     Sender checks for the whole batch run concurrently (their DNS waits
@@ -133,13 +153,13 @@ def prepare_many(paths: list[str], max_size: int, authenticator=None) -> list[Pr
             [(raw, env.sender, env.client_ip, env.client_helo) for _p, _n, raw, _t, env in loaded])
         auths = [r.to_dict() for r in results]
     for (path, name, raw, mtime, env), auth in zip(loaded, auths):
-        out.append(Prepared(path, _record(path, name, raw, mtime, env, auth), "remove"))
+        out.append(Prepared(path, _record(path, name, raw, mtime, env, auth, blocked), "remove"))
     return out
 
 
-def prepare(path: str, max_size: int, authenticator=None) -> Prepared:
+def prepare(path: str, max_size: int, authenticator=None, blocked: Blocklist | None = None) -> Prepared:
     """One file through ``prepare_many``; FileNotFoundError if it is gone."""
-    done = prepare_many([path], max_size, authenticator)
+    done = prepare_many([path], max_size, authenticator, blocked)
     if not done:
         raise FileNotFoundError(path)
     return done[0]
@@ -186,6 +206,7 @@ class Pipeline:
             pass  # another ingester (or a rescan) retired it already
 
 
-def ingest_files(pipeline: Pipeline, paths: list[str], max_size: int, authenticator=None) -> int:
+def ingest_files(pipeline: Pipeline, paths: list[str], max_size: int, authenticator=None,
+                 blocked: Blocklist | None = None) -> int:
     """Prepare and commit ``paths`` in this process (tests, small batches)."""
-    return pipeline.commit(prepare_many(paths, max_size, authenticator))
+    return pipeline.commit(prepare_many(paths, max_size, authenticator, blocked))

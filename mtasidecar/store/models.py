@@ -27,6 +27,8 @@ class BaseModel(pw.Model):
 class Domain(BaseModel):
     name = pw.CharField(max_length=253, unique=True)
     subdomains = pw.BooleanField(default=False)
+    # "private" (token per mailbox, unknown addresses refused) or "public".
+    mode = pw.CharField(max_length=16, default="private")
     active = pw.BooleanField(default=True)
     created_at = pw.DoubleField()
 
@@ -36,10 +38,25 @@ class Mailbox(BaseModel):
     # Null when mail arrived for a domain no longer configured: kept, not lost.
     domain = pw.ForeignKeyField(Domain, null=True, backref="mailboxes", on_delete="CASCADE")
     created_at = pw.DoubleField()
+    # Null for mailboxes made by mail on a public domain: they live until swept
+    # by message retention.
     expires_at = pw.DoubleField(null=True, index=True)
+    # scrypt hash for mail.tm-style accounts (address + password); null for
+    # mailboxes made with POST /api/v1/mailboxes or by mail.
+    password_hash = pw.TextField(null=True)
     # Kept up to date in the same transaction as the messages they count.
     message_count = pw.IntegerField(default=0)
     bytes_used = pw.BigIntegerField(default=0)
+
+
+class Token(BaseModel):
+    """A bearer token, by its SHA-256: a mailbox may have several (mail.tm's
+    POST /token issues one per login). Tokens carry 192 random bits, so a fast
+    hash suffices and the lookup by hash leaks nothing usable."""
+
+    token_hash = pw.CharField(max_length=64, primary_key=True)
+    mailbox = pw.ForeignKeyField(Mailbox, backref="tokens", on_delete="CASCADE")
+    created_at = pw.DoubleField()
 
 
 class Message(BaseModel):
@@ -65,6 +82,9 @@ class Message(BaseModel):
     spf = pw.CharField(max_length=16, null=True)
     dmarc = pw.CharField(max_length=16, null=True)
     authenticated = pw.BooleanField(null=True)
+    # What extraction found (links, one-time codes): for ?has= filters.
+    has_code = pw.BooleanField(default=False)
+    has_link = pw.BooleanField(default=False)
 
     class Meta:
         indexes = ((("mailbox", "id"), False),)
@@ -87,9 +107,11 @@ class Attachment(BaseModel):
     size = pw.IntegerField()
     disposition = pw.CharField(max_length=32)
     content_id = pw.TextField(null=True)
+    # Why the attachment route refuses it (dangerous type); null: served.
+    blocked = pw.TextField(null=True)
 
     class Meta:
         primary_key = pw.CompositeKey("message", "index")
 
 
-MODELS = (Domain, Mailbox, Message, MessageBody, Attachment)
+MODELS = (Domain, Mailbox, Token, Message, MessageBody, Attachment)

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 import peewee as pw
 
 from .db import create_schema, open_database
-from .models import Attachment, Domain, Mailbox, Message, MessageBody
+from .models import Attachment, Domain, Mailbox, Message, MessageBody, Token
+
+def fn_exists(query):
+    return pw.fn.EXISTS(query)
+
 
 # SQLite caps bound variables per statement; stay well below.
 _IN_CHUNK = 500
@@ -42,6 +46,8 @@ class NewMessage:
     spf: str | None = None
     dmarc: str | None = None
     authenticated: bool | None = None
+    has_code: bool = False
+    has_link: bool = False
     attachments: list = field(default_factory=list)  # dicts: index, filename, content_type, size, disposition, content_id
 
 
@@ -71,6 +77,33 @@ def domain_of(address: str, domains: dict[str, bool]) -> str | None:
     return None
 
 
+@dataclass(slots=True)
+class MessageFilter:
+    """What a waiting client is waiting for. Substring matches are case-insensitive."""
+
+    after_id: int | None = None
+    sender: str | None = None      # in the From address or name
+    subject: str | None = None
+    recipient: str | None = None   # in the envelope recipient (public catch-alls)
+    has_code: bool | None = None
+    has_link: bool | None = None
+
+    def apply(self, q):
+        if self.after_id is not None:
+            q = q.where(Message.id > self.after_id)
+        if self.sender:
+            q = q.where(Message.from_address.contains(self.sender) | Message.from_name.contains(self.sender))
+        if self.subject:
+            q = q.where(Message.subject.contains(self.subject))
+        if self.recipient:
+            q = q.where(Message.envelope_to.contains(self.recipient))
+        if self.has_code is not None:
+            q = q.where(Message.has_code == self.has_code)
+        if self.has_link is not None:
+            q = q.where(Message.has_link == self.has_link)
+        return q
+
+
 class Store:
     def __init__(self, url: str):
         self.url = url
@@ -86,17 +119,22 @@ class Store:
         if not self.db.is_closed():
             self.db.close()
 
-    def sync_domains(self, domains: list[tuple[str, bool]]) -> None:
-        """Make the Domain table match the configured domains."""
+    def sync_domains(self, domains: list[tuple]) -> None:
+        """Make the Domain table match the configured domains.
+
+        Items are (name, subdomains) or (name, subdomains, mode); mode
+        defaults to "private".
+        """
         now = time.time()
-        names = {name for name, _ in domains}
+        names = {d[0] for d in domains}
         with self.db.atomic():
-            for name, sub in domains:
+            for name, sub, *rest in domains:
+                mode = rest[0] if rest else "private"
                 row = Domain.get_or_none(Domain.name == name)
                 if row is None:
-                    Domain.create(name=name, subdomains=sub, active=True, created_at=now)
-                elif row.subdomains != sub or not row.active:
-                    Domain.update(subdomains=sub, active=True).where(Domain.id == row.id).execute()
+                    Domain.create(name=name, subdomains=sub, mode=mode, active=True, created_at=now)
+                elif (row.subdomains, row.mode, row.active) != (sub, mode, True):
+                    Domain.update(subdomains=sub, mode=mode, active=True).where(Domain.id == row.id).execute()
             if names:
                 Domain.update(active=False).where(Domain.name.not_in(list(names))).execute()
 
@@ -129,6 +167,7 @@ class Store:
                     to_json=json.dumps(m.to, ensure_ascii=False), subject=m.subject, intro=m.intro,
                     message_id=m.message_id, size=m.size, has_attachments=bool(m.attachments),
                     parse_error=m.parse_error, spf=m.spf, dmarc=m.dmarc, authenticated=m.authenticated,
+                    has_code=m.has_code, has_link=m.has_link,
                 ).execute()
                 MessageBody.insert(message=msg_id, raw=m.raw_z, document=m.document_z).execute()
                 if m.attachments:
@@ -176,13 +215,163 @@ class Store:
     def mailbox(self, address: str) -> Mailbox | None:
         return Mailbox.get_or_none(Mailbox.address == address)
 
+    def mailbox_with_mode(self, address: str) -> tuple[Mailbox | None, str | None]:
+        """The mailbox (or None) and the mode of its domain (None: unrouted)."""
+        row = (Mailbox.select(Mailbox, Domain.mode).join(Domain, pw.JOIN.LEFT_OUTER)
+               .where(Mailbox.address == address).objects().first())
+        if row is None:
+            return None, None
+        return row, getattr(row, "mode", None)
+
+    def domains_map(self) -> dict[str, tuple[bool, str]]:
+        """Active domains: name → (subdomains, mode). For routing and the policy service."""
+        return {name: (sub, mode) for name, sub, mode in
+                Domain.select(Domain.name, Domain.subdomains, Domain.mode)
+                .where(Domain.active == True).tuples()}  # noqa: E712
+
+    # -- mailbox lifecycle ---------------------------------------------------
+
+    def create_mailbox(self, address: str, domain_name: str, token_hash: str | None, expires_at: float | None,
+                       password_hash: str | None = None) -> Mailbox | None:
+        """A new mailbox, or None when the address is taken by a live one.
+
+        An expired mailbox the sweeper has not reached yet frees its address
+        (with its messages) here, in the same transaction.
+        """
+        now = time.time()
+        with self.db.atomic():
+            old = Mailbox.get_or_none(Mailbox.address == address)
+            if old is not None:
+                if old.expires_at is None or old.expires_at > now:
+                    return None
+                Mailbox.delete().where(Mailbox.id == old.id).execute()
+            domain = Domain.get_or_none(Domain.name == domain_name)
+            try:
+                with self.db.atomic():
+                    mid = Mailbox.insert(address=address, domain=domain.id if domain else None, created_at=now,
+                                         expires_at=expires_at, password_hash=password_hash).execute()
+                    if token_hash:
+                        Token.insert(token_hash=token_hash, mailbox=mid, created_at=now).execute()
+            except pw.IntegrityError:  # created by a racing request or by mail
+                return None
+        return Mailbox.get_by_id(mid)
+
+    def add_token(self, mailbox_id: int, token_hash: str) -> None:
+        Token.insert(token_hash=token_hash, mailbox=mailbox_id, created_at=time.time()).execute()
+
+    def token_mailbox(self, token_hash: str) -> int | None:
+        """The id of the mailbox a token opens, or None."""
+        row = Token.select(Token.mailbox).where(Token.token_hash == token_hash).tuples().first()
+        return row[0] if row else None
+
+    def set_expiry(self, mailbox_id: int, expires_at: float) -> None:
+        Mailbox.update(expires_at=expires_at).where(Mailbox.id == mailbox_id).execute()
+
+    def delete_mailbox(self, mailbox_id: int) -> bool:
+        """The mailbox and its messages, at once (bodies and attachments cascade)."""
+        with self.db.atomic():
+            return Mailbox.delete().where(Mailbox.id == mailbox_id).execute() > 0
+
+    def recipient_accepted(self, address: str, domains: dict[str, tuple[bool, str]], now: float) -> bool | None:
+        """May mail to ``address`` be accepted? (The policy service's rule.)
+
+        None: not one of our domains (Postfix refuses it as relay anyway).
+        Public domains take anything; private ones only live, owned
+        mailboxes: unexpired, with a token or a password. A row the ingester
+        made for mail let through while the policy was down owns nothing and
+        must not keep its address open.
+        """
+        name = domain_of(address, {n: sub for n, (sub, _mode) in domains.items()})
+        if name is None:
+            return None
+        if domains[name][1] == "public":
+            return True
+        owned = Mailbox.password_hash.is_null(False) | fn_exists(Token.select().where(Token.mailbox == Mailbox.id))
+        return (Mailbox.select().where((Mailbox.address == address) & owned
+                                       & (Mailbox.expires_at.is_null() | (Mailbox.expires_at > now)))
+                .exists())
+
+    def list_mailboxes(self, limit: int, before_id: int | None = None) -> list[dict]:
+        q = Mailbox.select(Mailbox.id, Mailbox.address, Mailbox.created_at, Mailbox.expires_at,
+                           Mailbox.message_count, Mailbox.bytes_used,
+                           fn_exists(Token.select().where(Token.mailbox == Mailbox.id)).alias("owned"))
+        if before_id is not None:
+            q = q.where(Mailbox.id < before_id)
+        return list(q.order_by(Mailbox.id.desc()).limit(limit).dicts())
+
+    def stats(self) -> dict:
+        mailboxes, messages, size = (Mailbox.select(pw.fn.COUNT(Mailbox.id), pw.fn.SUM(Mailbox.message_count),
+                                                    pw.fn.SUM(Mailbox.bytes_used)).tuples().first())
+        return {"mailboxes": mailboxes or 0, "messages": messages or 0, "bytes": size or 0,
+                "domains": Domain.select().where(Domain.active == True).count()}  # noqa: E712
+
+    # -- sweeping ------------------------------------------------------------
+
+    def sweep_expired(self, now: float, batch: int = 500) -> tuple[int, int]:
+        """Delete one batch of messages of expired mailboxes, then empty expired
+        mailboxes. Returns (messages, mailboxes) deleted; call until (0, 0).
+
+        Small transactions: the ingester and API writers wait milliseconds,
+        never the whole sweep.
+        """
+        with self.db.atomic():
+            ids = [i for (i,) in Message.select(Message.id).join(Mailbox)
+                   .where(Mailbox.expires_at < now).limit(batch).tuples()]
+            if ids:
+                Message.delete().where(Message.id.in_(ids)).execute()
+                return len(ids), 0
+            gone = (Mailbox.delete().where(Mailbox.id.in_(
+                Mailbox.select(Mailbox.id).where(Mailbox.expires_at < now).limit(batch))).execute())
+            return 0, gone
+
+    def sweep_old_messages(self, domain_id: int | None, older_than: float, batch: int = 500) -> int:
+        """Delete one batch of messages received before ``older_than`` in a domain."""
+        with self.db.atomic():
+            q = (Message.select(Message.id, Message.mailbox, Message.size).join(Mailbox)
+                 .where((Message.received_at < older_than)
+                        & (Mailbox.domain.is_null() if domain_id is None else Mailbox.domain == domain_id))
+                 .limit(batch).tuples())
+            return self._delete_rows(list(q))
+
+    def sweep_over_cap(self, domain_id: int, max_messages: int, max_bytes: int, batch: int = 500) -> int:
+        """Drop the oldest messages of mailboxes over their caps (one batch)."""
+        with self.db.atomic():
+            over = list(Mailbox.select(Mailbox.id, Mailbox.message_count, Mailbox.bytes_used)
+                        .where((Mailbox.domain == domain_id)
+                               & ((Mailbox.message_count > max_messages) | (Mailbox.bytes_used > max_bytes)))
+                        .limit(50).tuples())
+            rows = []
+            for mailbox_id, count, size in over:
+                for mid, msize in (Message.select(Message.id, Message.size).where(Message.mailbox == mailbox_id)
+                                   .order_by(Message.id).limit(batch).tuples()):
+                    if count <= max_messages and size <= max_bytes:
+                        break
+                    rows.append((mid, mailbox_id, msize))
+                    count, size = count - 1, size - msize
+            return self._delete_rows(rows)
+
+    def _delete_rows(self, rows: list[tuple[int, int, int]]) -> int:
+        """Delete (message id, mailbox id, size) rows and fix the counters."""
+        if not rows:
+            return 0
+        Message.delete().where(Message.id.in_([r[0] for r in rows])).execute()
+        per_mailbox: dict[int, list[int]] = {}
+        for _mid, mailbox_id, size in rows:
+            c = per_mailbox.setdefault(mailbox_id, [0, 0])
+            c[0] += 1
+            c[1] += size
+        for mailbox_id, (n, size) in per_mailbox.items():
+            Mailbox.update(message_count=Mailbox.message_count - n,
+                           bytes_used=Mailbox.bytes_used - size).where(Mailbox.id == mailbox_id).execute()
+        return len(rows)
+
     LIST_FIELDS = (Message.id, Message.received_at, Message.envelope_from, Message.from_name,
                    Message.from_address, Message.to_json, Message.subject, Message.intro,
                    Message.size, Message.has_attachments, Message.seen, Message.parse_error,
                    Message.message_id, Message.spf, Message.dmarc, Message.authenticated)
 
     def list_messages(self, mailbox_id: int, limit: int, before_id: int | None = None,
-                      authenticated: bool | None = None) -> list[dict]:
+                      authenticated: bool | None = None, filters: MessageFilter | None = None) -> list[dict]:
         """Newest first; ``before_id`` continues a previous page (keyset pagination).
 
         ``authenticated`` keeps only messages whose sender was (or was not)
@@ -193,7 +382,14 @@ class Store:
             q = q.where(Message.id < before_id)
         if authenticated is not None:
             q = q.where(Message.authenticated == authenticated)
+        if filters is not None:
+            q = filters.apply(q)
         return list(q.order_by(Message.id.desc()).limit(limit).dicts())
+
+    def new_messages_since(self, last_id: int, limit: int = 5000) -> list[tuple[int, int]]:
+        """(id, mailbox id) of messages stored after ``last_id``: what waiters wait for."""
+        return list(Message.select(Message.id, Message.mailbox).where(Message.id > last_id)
+                    .order_by(Message.id).limit(limit).tuples())
 
     def get_message(self, mailbox_id: int, message_id: int) -> dict | None:
         row = (Message.select(*self.LIST_FIELDS, Message.envelope_to, MessageBody.document)
@@ -212,6 +408,12 @@ class Store:
         if row is None:
             return False, None
         return True, (decompress(row[0]) if row[0] is not None else None)
+
+    def attachment_blocked(self, mailbox_id: int, message_id: int, index: int) -> str | None:
+        row = (Attachment.select(Attachment.blocked).join(Message)
+               .where((Attachment.message == message_id) & (Attachment.index == index)
+                      & (Message.mailbox == mailbox_id)).tuples().first())
+        return row[0] if row else None
 
     def set_seen(self, mailbox_id: int, message_id: int, seen: bool) -> bool:
         n = (Message.update(seen=seen)
@@ -235,3 +437,18 @@ class Store:
     def count_messages(self) -> int:
         return Message.select().count()
 
+    # -- mail.tm accounts (api/mailtm.py) --------------------------------------
+
+    def token_account(self, token_hash: str) -> Mailbox | None:
+        """The mailbox a bearer token opens, in one query; None for an unknown token."""
+        return (Mailbox.select().join(Token, on=(Token.mailbox == Mailbox.id))
+                .where(Token.token_hash == token_hash).first())
+
+    def account_messages(self, mailbox_id: int, limit: int, offset: int) -> tuple[list[dict], int]:
+        """One page of a mailbox's messages, newest first, by offset (mail.tm's
+        ``?page=``), and how many the mailbox holds."""
+        base = Message.select(*self.LIST_FIELDS).where(Message.mailbox == mailbox_id)
+        with self.db.atomic():
+            total = base.count()
+            rows = list(base.order_by(Message.id.desc()).limit(limit).offset(offset).dicts())
+        return rows, total

@@ -27,14 +27,14 @@ import falcon.testing
 import pytest
 
 from mtasidecar.api.app import create_app
-from mtasidecar.api.messages import MAX_BODY
+from mtasidecar.api.inputs import MAX_BODY
 from mtasidecar.config import load
 from mtasidecar.ingest.pipeline import UNROUTED, Pipeline, prepare
 from mtasidecar.mail.auth import Authenticator
 from mtasidecar.store import Store
 from tests.dnsserver import DNSTestServer
 
-DOMAINS = "example.test,*.sub.test"
+DOMAINS = "public:example.test,public:*.sub.test"
 ADDRESS = "inbox@example.test"
 BASE_TIME = 1_736_762_400  # 2025-01-13T10:00:00Z: received_at of the first file delivered
 
@@ -136,7 +136,7 @@ def make_env(tmp_path: Path, **extra_env: str) -> Env:
     settings = load(environ=environ)
     store = Store(settings.database_url)
     store.setup()
-    store.sync_domains([(d.name, d.subdomains) for d in settings.domains])
+    store.sync_domains([(d.name, d.subdomains, d.mode) for d in settings.domains])
     maildir = settings.maildir_path
     for sub in ("tmp", "new", "cur"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
@@ -520,9 +520,13 @@ def test_message_set_aside_as_too_large(env):
     assert env.request("DELETE", message_path(mid)).status_code == 204
 
 
-def test_mail_without_trace_headers_lands_in_the_unrouted_mailbox(env):
+def test_mail_without_trace_headers_lands_in_the_unrouted_mailbox(tmp_path):
+    operator = "op-" + "x" * 30
+    env = make_env(tmp_path, MTASIDECAR_API_OPERATOR_TOKEN=operator)
     (mid,) = env.deliver(eml(with_trace=False, subject="dropped by hand"))
-    r = env.get(message_path(mid, UNROUTED))
+    # It belongs to no domain: only the operator reads it.
+    assert_error(env.get(message_path(mid, UNROUTED)), 401)
+    r = env.get(message_path(mid, UNROUTED), headers={"Authorization": f"Bearer {operator}"})
     assert r.status_code == 200
     assert "routing_note" in r.json and "Postfix" in r.json["routing_note"]
     assert_error(env.get(messages_path()), 404, "mailbox_not_found")
@@ -631,7 +635,7 @@ BAD_REQUESTS = {
     "unknown route deep": Bad("GET", MB + "/{mid}/raw/more", 404, "not_found"),
     "unknown api version": Bad("GET", "/api/v2/domains", 404, "not_found"),
     "root": Bad("GET", "/", 404, "not_found"),
-    "mailbox without messages": Bad("GET", "/api/v1/mailboxes/inbox@example.test", 404, "not_found"),
+    "mailbox subroute unknown": Bad("GET", "/api/v1/mailboxes/inbox@example.test/nothing", 404, "not_found"),
     # attachments
     "attachment out of range": Bad("GET", MB + "/{mid}/attachments/1", 404, "attachment_not_found"),
     "attachment far out of range": Bad("GET", MB + "/{mid}/attachments/999999", 404, "attachment_not_found"),

@@ -140,8 +140,17 @@ def test_domains_from_environment():
     s = load(environ={"MTASIDECAR_DOMAINS": " A.Test , ,*.B.TEST,"})
     assert s.domains == (DomainSettings("a.test", False), DomainSettings("b.test", True))
     assert load(environ={"MTASIDECAR_DOMAINS": ""}).domains == ()
-    assert parse_domain_list("a.test,*.b.test") == [{"name": "a.test", "subdomains": False},
-                                                   {"name": "b.test", "subdomains": True}]
+    assert parse_domain_list("a.test,*.b.test,public:*.c.test") == [
+        {"name": "a.test", "subdomains": False, "mode": "private"},
+        {"name": "b.test", "subdomains": True, "mode": "private"},
+        {"name": "c.test", "subdomains": True, "mode": "public"}]
+    # The JSON form carries every per-domain setting (to_environ uses it).
+    s = load(environ={"MTASIDECAR_DOMAINS": '[{"name": "a.test", "mode": "public", "max_ttl": 7200}]'})
+    assert s.domains == (DomainSettings("a.test", mode="public", max_ttl=7200),)
+    with pytest.raises(ConfigError, match="MTASIDECAR_DOMAINS"):
+        load(environ={"MTASIDECAR_DOMAINS": "[{bad json"})
+    with pytest.raises(ConfigError, match=r"domains\[0\].mode"):
+        load(environ={"MTASIDECAR_DOMAINS": '[{"name": "a.test", "mode": "secret"}]'})
 
 
 def test_dns_servers_from_environment():
@@ -329,5 +338,5 @@ def test_cli_prints_validated_settings(tmp_path):
     assert r.returncode == 0, r.stderr
     printed = json.loads(r.stdout)
     assert printed["api"]["port"] == 9100
-    assert printed["domains"] == [{"name": "example.test", "subdomains": False},
-                                  {"name": "sub.example.org", "subdomains": True}]
+    assert [(d["name"], d["subdomains"], d["mode"]) for d in printed["domains"]] == [
+        ("example.test", False, "private"), ("sub.example.org", True, "private")]

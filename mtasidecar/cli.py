@@ -3,6 +3,8 @@
   ingest     watch the Maildir and store what arrives
   api        serve the HTTP API (gunicorn, asgi workers)
   deliver    Postfix pipe(8) entry: spool stdin into the Maildir
+  policy     Postfix policy service: refuse unknown mailboxes, rates, sizes at RCPT
+  sweep      delete expired mailboxes and old messages
   init-db    create the schema and record the configured domains
   postfix    print or apply the Postfix configuration for these settings
   dev        a private Postfix + ingester + API on loopback, in one go
@@ -35,7 +37,7 @@ def _prepare_store(settings):
     from .store import Store
     store = Store(settings.database_url)
     store.setup()
-    store.sync_domains([(d.name, d.subdomains) for d in settings.domains])
+    store.sync_domains([(d.name, d.subdomains, d.mode) for d in settings.domains])
     return store
 
 
@@ -66,11 +68,37 @@ def cmd_ingest(args) -> int:
     ingester = Ingester(store, settings.maildir_path, keep=settings.maildir.keep,
                         max_size=settings.maildir.max_message_size,
                         rescan_interval=settings.maildir.rescan_interval, workers=workers,
-                        auth=settings.auth_config())
+                        auth=settings.auth_config(), blocked=settings.blocklist())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: ingester.stop())
     ingester.run()
     return 0
+
+
+def cmd_sweep(args) -> int:
+    import signal
+    import threading
+
+    from . import sweep
+    settings = _settings(args)
+    _logging(args.verbose)
+    store = _prepare_store(settings)
+    if args.once:
+        counts = sweep.sweep_once(store, settings)
+        print(f"swept {counts['mailboxes']} mailboxes and {counts['messages']} messages")
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sweep.run(store, settings, args.interval, stop)
+    return 0
+
+
+def cmd_policy(args) -> int:
+    from . import policy
+    settings = _settings(args)
+    _logging(args.verbose)
+    return policy.run(settings, _prepare_store(settings))
 
 
 def gunicorn_argv(settings) -> list[str]:
@@ -110,11 +138,13 @@ def cmd_dev(args) -> int:
     from .config import parse_domain_list
     overrides: dict = {"data_dir": args.data_dir, "smtp": {"port": args.smtp_port},
                        "api": {"port": args.http_port}}
-    if args.domain:
-        overrides["domains"] = parse_domain_list(",".join(args.domain))
+    domains = [d for d in args.domain] + [f"public:{d}" for d in args.public_domain]
+    if domains:
+        overrides["domains"] = parse_domain_list(",".join(domains))
     settings = _settings(args, overrides)
     if not settings.domains:
-        overrides["domains"] = [{"name": dev.DEFAULT_DOMAIN, "subdomains": True}]
+        # Try-it-now default: a public catch-all, readable without a token.
+        overrides["domains"] = [{"name": dev.DEFAULT_DOMAIN, "subdomains": True, "mode": "public"}]
         settings = _settings(args, overrides)
     _logging(args.verbose)
     return dev.run(settings, _prepare_store)
@@ -130,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="print the validated settings").set_defaults(func=cmd_config)
     sub.add_parser("ingest", help="watch the Maildir and store mail").set_defaults(func=cmd_ingest)
     sub.add_parser("api", help="serve the HTTP API under gunicorn").set_defaults(func=cmd_api)
+    sub.add_parser("policy", help="serve Postfix's policy delegation protocol").set_defaults(func=cmd_policy)
+    sw = sub.add_parser("sweep", help="delete expired mailboxes and old messages")
+    sw.add_argument("--once", action="store_true", help="one pass, then exit (for a systemd timer)")
+    sw.add_argument("--interval", type=float, default=60.0, help="seconds between passes (default 60)")
+    sw.set_defaults(func=cmd_sweep)
 
     d = sub.add_parser("deliver", help="Postfix pipe(8) entry point", add_help=False)
     d.add_argument("rest", nargs=argparse.REMAINDER)
@@ -145,8 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--smtp-port", type=int, default=2525)
     dev.add_argument("--http-port", type=int, default=8025)
     dev.add_argument("--domain", action="append", default=[],
-                     help="a domain to receive for; '*.NAME' also takes any subdomain of NAME "
-                          "(repeatable; default: the configured ones, else *.mail.test)")
+                     help="a private domain (mailboxes made through the API, each with its token); "
+                          "'*.NAME' also takes any subdomain of NAME (repeatable)")
+    dev.add_argument("--public-domain", action="append", default=[],
+                     help="a public catch-all domain: any address receives, readable without a token "
+                          "(repeatable; with neither option: the configured domains, else public *.mail.test)")
     dev.set_defaults(func=cmd_dev)
     return p
 

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from .config import Settings, to_environ
+from .policy import postfix_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,31 @@ def _wait_http(url: str, timeout: float, alive) -> bool:
                     return True
         except OSError:
             time.sleep(0.1)
+    return False
+
+
+def _policy_listening(listen: str) -> bool:
+    from .policy import parse_listen
+    kind, host, port = parse_listen(listen)
+    try:
+        if kind == "unix":
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(1)
+                s.connect(host)
+        else:
+            socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _wait_policy(listen: str, timeout: float, alive) -> bool:
+    """Wait until the policy service accepts connections on ``listen``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        if _policy_listening(listen):
+            return True
+        time.sleep(0.05)
     return False
 
 
@@ -83,6 +110,8 @@ def run(settings: Settings, prepare_store) -> int:
         maildir, hostname=settings.hostname, message_size_limit=settings.smtp.message_size_limit,
         delivery=settings.smtp.delivery,
         deliver_argv=_deliver_argv(data_dir, maildir),
+        policy=postfix_endpoint(settings.policy.listen) if settings.policy.listen else None,
+        policy_default_action=settings.policy.default_action,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -90,9 +119,21 @@ def run(settings: Settings, prepare_store) -> int:
 
     procs: list[subprocess.Popen] = []
     try:
+        if settings.policy.listen:
+            if _policy_listening(settings.policy.listen):
+                log.error("something already listens on the policy address %s; set policy.listen "
+                          "(MTASIDECAR_POLICY_LISTEN) to a free one", settings.policy.listen)
+                return 1
+            # Before Postfix, so that its first RCPT does not meet a closed port
+            # (and the default action) instead of a decision.
+            procs.append(subprocess.Popen([sys.executable, "-m", "mtasidecar", "policy"], env=env))
+            if not _wait_policy(settings.policy.listen, 30, lambda: all(p.poll() is None for p in procs)):
+                log.error("the policy service did not come up on %s; stopping", settings.policy.listen)
+                return 1
         postfix.start()  # creates the Maildir with the delivery user's ownership
         procs.append(subprocess.Popen([sys.executable, "-m", "mtasidecar", "ingest"], env=env))
         procs.append(subprocess.Popen(gunicorn_argv(settings), env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "mtasidecar", "sweep"], env=env))
         api = f"http://{settings.api.host}:{settings.api.port}"
         if not _wait_http(f"{api}/healthz", 30, lambda: all(p.poll() is None for p in procs)):
             log.error("the API did not come up; stopping")
@@ -102,6 +143,7 @@ def run(settings: Settings, prepare_store) -> int:
 mtasidecar is running
   SMTP      {settings.smtp.host}:{settings.smtp.port}  (private Postfix, log: {postfix.log_path})
   API       {api}/api/v1/   (OpenAPI: {api}/api/v1/openapi.json)
+  policy    {settings.policy.listen or "off (policy.listen is empty)"}
   domains   {domains}
   Maildir   {maildir}
   database  {settings.database_url}

@@ -95,13 +95,19 @@ class Service:
                         timeout, what=f"{count} message(s) for {address}")
 
 
-def start_service(data_dir: Path, domains: list[str], extra_env: dict | None = None) -> Service:
+def start_service(data_dir: Path, domains: list[str], extra_env: dict | None = None,
+                  private: list[str] = ()) -> Service:
+    """`mtasidecar dev` on free ports: ``domains`` public (catch-all), ``private`` private."""
     smtp_port, http_port = free_port(), free_port()
     argv = [sys.executable, "-m", "mtasidecar", "dev", "--data-dir", str(data_dir),
             "--smtp-port", str(smtp_port), "--http-port", str(http_port)]
     for d in domains:
+        argv += ["--public-domain", d]
+    for d in private:
         argv += ["--domain", d]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTASIDECAR_")}
+    # Each service its own policy port (the default, 10040, is shared by all).
+    env["MTASIDECAR_POLICY_LISTEN"] = f"127.0.0.1:{free_port()}"
     env.update(extra_env or {})
     log = open(data_dir.parent / f"{data_dir.name}-dev.log", "wb")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

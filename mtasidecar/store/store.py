@@ -132,7 +132,10 @@ class Store:
                 mode = rest[0] if rest else "private"
                 row = Domain.get_or_none(Domain.name == name)
                 if row is None:
-                    Domain.create(name=name, subdomains=sub, mode=mode, active=True, created_at=now)
+                    # Two processes starting at once may both get here: the
+                    # unique name makes the second insert a no-op.
+                    Domain.insert(name=name, subdomains=sub, mode=mode, active=True,
+                                  created_at=now).on_conflict_ignore().execute()
                 elif (row.subdomains, row.mode, row.active) != (sub, mode, True):
                     Domain.update(subdomains=sub, mode=mode, active=True).where(Domain.id == row.id).execute()
             if names:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -121,7 +122,12 @@ def start_service(data_dir: Path, domains: list[str], extra_env: dict | None = N
         except OSError:
             return False
 
-    wait_for(ready, 60, 0.1, "mtasidecar dev to start")
+    try:
+        wait_for(ready, 60, 0.1, "mtasidecar dev to start")
+    except BaseException:
+        with contextlib.suppress(AssertionError):
+            stop_service(svc)
+        raise
     return svc
 
 

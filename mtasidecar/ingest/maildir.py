@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import select
 import threading
 import time
 from pathlib import Path
@@ -74,8 +75,30 @@ _worker_auth = None
 _worker_blocked = None
 
 
-def _init_worker(auth: dict | None, blocked: Blocklist | None) -> None:
+def _exit_with(pid: int) -> None:
+    """End this worker process as soon as the ingester ``pid`` is gone.
+
+    A SIGKILLed ingester (OOM killer, a stop timeout) cannot shut its pool
+    down: the workers would wait on the call queue forever, and with them
+    the forkserver and the resource tracker. Linux >= 5.3 (pidfd_open).
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):
+        return  # no pidfd here: the service manager has to clean up
+
+    def watch() -> None:
+        select.select([fd], [], [])  # readable once the process has exited
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-ingester", daemon=True).start()
+
+
+def _init_worker(parent: int, auth: dict | None, blocked: Blocklist | None) -> None:
     global _worker_auth, _worker_blocked
+    _exit_with(parent)
     # Import flanker (and build its tables) before the first file arrives.
     from ..mail import parse  # noqa: F401
     _worker_auth = make_authenticator(auth)
@@ -124,7 +147,7 @@ class Ingester:
         n = 0
         with os.scandir(self.new_dir) as it:
             for entry in it:
-                if entry.is_file(follow_symlinks=False):
+                if not entry.is_dir(follow_symlinks=False):  # symlinks too: prepare sets them aside
                     self.push(entry.path)
                     n += 1
         return n
@@ -144,7 +167,8 @@ class Ingester:
         pool = None
         if self.workers > 0:
             pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                                          initializer=_init_worker, initargs=(self.auth, self.blocked))
+                                          initializer=_init_worker,
+                                          initargs=(os.getpid(), self.auth, self.blocked))
         try:
             backlog = self.rescan()
             log.info("watching %s (%d files waiting, %d worker processes)", self.new_dir, backlog, self.workers)

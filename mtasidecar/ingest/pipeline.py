@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +55,32 @@ def _document(parsed, envelope, routing_note: str | None) -> dict:
     return doc
 
 
+def read_spool_file(path: str, limit: int = -1) -> bytes:
+    """A spool file's bytes, never through a symlink (nor from a FIFO or device).
+
+    The Maildir is writable by the delivery user and the ingester may run as
+    root: a link in new/ to /etc/shadow must not end up served by the API.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # ELOOP for a symlink
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        return fh.read(limit)
+
+
+def _not_a_file(path: str, name: str, st: os.stat_result) -> Prepared:
+    """A symlink (FIFO, device, ...) in new/: set aside unread; a visible row says why."""
+    kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a special file"
+    reason = f"not a regular file ({kind}); set aside unread"
+    record = NewMessage(spool_name=name, recipient=UNROUTED, received_at=st.st_mtime, size=0, raw_z=None,
+                        parse_error=reason, document_z=compress(json.dumps({"parse_error": reason}).encode()))
+    return Prepared(path, record, "set_aside")
+
+
 def _set_aside(path: str, name: str, size: int, received_at: float, max_size: int) -> Prepared:
     """Too large to store: the file goes aside, a visible row says why."""
     reason = f"message of {size} bytes exceeds the {max_size}-byte limit; file set aside"
-    with open(path, "rb") as fh:  # the trace headers still route it
-        env = read_trace(fh.read(64 * 1024))
+    env = read_trace(read_spool_file(path, 64 * 1024))  # the trace headers still route it
     record = NewMessage(spool_name=name, recipient=(env.recipient or env.original_recipient or UNROUTED).lower(),
                         received_at=received_at, size=size, raw_z=None, parse_error=reason,
                         envelope_from=env.sender,
@@ -138,12 +160,14 @@ def prepare_many(paths: list[str], max_size: int, authenticator=None,
     loaded = []  # (path, name, raw, mtime, envelope)
     for path in paths:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                out.append(_not_a_file(path, spool_name(path), st))
+                continue
             if st.st_size > max_size:
                 out.append(_set_aside(path, spool_name(path), st.st_size, st.st_mtime, max_size))
                 continue
-            with open(path, "rb") as fh:
-                raw = fh.read()
+            raw = read_spool_file(path)
         except FileNotFoundError:
             continue  # retired by another pass already
         loaded.append((path, spool_name(path), raw, st.st_mtime, read_trace(raw)))

@@ -27,6 +27,7 @@ from mtasidecar.mta.render import (
     Delivery,
     PostfixError,
     apply_config,
+    default_deliver_argv,
     find_program,
     postconf,
     render,
@@ -136,6 +137,8 @@ class PostfixInstance:
         if _port_open(self.smtp_port):
             raise PostfixError(f"port {self.smtp_port} is already in use")
         self._make_dirs()
+        if self.delivery == "pipe":
+            self._check_deliver_command()
         self._write_main_cf()
         self._write_master_cf()
         apply_config(self._render(), self.config_dir)
@@ -235,6 +238,31 @@ class PostfixInstance:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chown(path, self.uid, self.gid)
         _require_passable(self.maildir, self.uid, self.gid, f"uid {self.uid}")
+
+    def _check_deliver_command(self) -> None:
+        """PostfixError unless the delivery user can run the pipe command.
+
+        pipe(8) runs it as that user; a program (or script) it cannot reach,
+        e.g. a Python under /root (0700), makes Postfix defer every message
+        with nothing but an "execvp: Permission denied" line in its log.
+        """
+        argv = self.deliver_argv or default_deliver_argv(self.maildir)
+        program = Path(shutil.which(argv[0]) or argv[0])
+        files = [program] + [Path(a) for a in argv[1:] if a.startswith("/") and Path(a).is_file()]
+        who = f"uid {self.uid}, which runs the pipe command {' '.join(argv)}"
+        for path in files:
+            real = Path(os.path.realpath(path))
+            _require_passable(real.parent, self.uid, self.gid, who)
+            st = real.stat()
+            if st.st_uid == self.uid:
+                read, run = stat.S_IRUSR, stat.S_IXUSR
+            elif st.st_gid == self.gid:
+                read, run = stat.S_IRGRP, stat.S_IXGRP
+            else:
+                read, run = stat.S_IROTH, stat.S_IXOTH
+            needed = read | run if path is program else read
+            if st.st_mode & needed != needed:
+                raise PostfixError(f"{real} cannot be {'run' if path is program else 'read'} by {who}")
 
     def _write_main_cf(self) -> None:
         # Start from an empty main.cf: with "No configuration" Debian has no

@@ -93,7 +93,7 @@ def render(
     without it no policy lines are rendered. For ``delivery="pipe"``,
     ``deliver_argv`` is the command pipe(8) runs, subcommand and options
     included (default: ``[<this installation's mtasidecar script>,
-    "deliver"]``); the template appends the envelope arguments sender,
+    "deliver", "--maildir", MAILDIR]``); the template appends the envelope arguments sender,
     recipient, client address and HELO. It must be executable by
     ``pipe_user`` (default: the owner of ``uid``), interpreter included.
 
@@ -115,7 +115,7 @@ def render(
         main += "\n" + _policy_cf(policy, policy_default_action)
     if delivery == "pipe":
         main += "\n" + template_text("pipe.cf.in")
-        master = _master_cf(deliver_argv or default_deliver_argv(), pipe_user or _user_name(uid))
+        master = _master_cf(deliver_argv or default_deliver_argv(maildir), pipe_user or _user_name(uid))
     return {
         MAIN_CF: main,
         MASTER_CF: master,
@@ -207,10 +207,11 @@ def policy_endpoint(policy: str) -> str:
     return policy
 
 
-def default_deliver_argv() -> list[str]:
-    """``mtasidecar deliver``, with the script installed next to this Python."""
+def default_deliver_argv(maildir: Path) -> list[str]:
+    """``mtasidecar deliver --maildir DIR``, with the script installed next to this Python."""
     script = Path(sys.executable).with_name("mtasidecar")
-    return [str(script) if script.exists() else shutil.which("mtasidecar") or "mtasidecar", "deliver"]
+    program = str(script) if script.exists() else shutil.which("mtasidecar") or "mtasidecar"
+    return [program, "deliver", "--maildir", str(maildir)]
 
 
 def _pipe_command(argv: list[str]) -> str:

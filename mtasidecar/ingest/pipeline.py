@@ -212,13 +212,22 @@ class Pipeline:
             self._retire(p)
         return len(new)
 
+    def _set_aside(self, p: Prepared) -> None:
+        # The Maildir is writable by the delivery user: never follow a link
+        # planted as setaside/ or as a .reason file (we may run as root).
+        self.set_aside_dir.mkdir(mode=0o700, exist_ok=True)
+        if self.set_aside_dir.is_symlink() or not self.set_aside_dir.is_dir():
+            raise OSError(f"{self.set_aside_dir} is not a plain directory; not setting files aside there")
+        target = self.set_aside_dir / os.path.basename(p.path)
+        os.replace(p.path, target)  # rename(2) replaces a link, never writes through it
+        fd = os.open(f"{target}.reason", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(p.record.parse_error + "\n")
+
     def _retire(self, p: Prepared) -> None:
         try:
             if p.disposition == "set_aside":
-                self.set_aside_dir.mkdir(exist_ok=True)
-                target = self.set_aside_dir / os.path.basename(p.path)
-                os.replace(p.path, target)
-                target.with_name(target.name + ".reason").write_text(p.record.parse_error + "\n")
+                self._set_aside(p)
             elif self.keep:
                 base = os.path.basename(p.path)
                 if ":2," not in base:
@@ -228,6 +237,9 @@ class Pipeline:
                 os.unlink(p.path)
         except FileNotFoundError:
             pass  # another ingester (or a rescan) retired it already
+        except OSError as exc:
+            # Stored already; the file stays and the next rescan retries.
+            log.error("stored %s but could not retire its file: %s", p.path, exc)
 
 
 def ingest_files(pipeline: Pipeline, paths: list[str], max_size: int, authenticator=None,

@@ -19,7 +19,8 @@ from ..store import Store
 from . import errors, mailtm
 from .access import Access
 from .mailboxes import AdminMailboxes, AdminStats, MailboxItem, Mailboxes
-from .messages import Domains, Health, MessageAttachment, MessageEvents, MessageItem, MessageList, MessageRaw
+from .messages import (Domains, Health, MessageAttachment, MessageEvents, MessageExtract, MessageItem, MessageList,
+                       MessageRaw)
 from .waiting import Watcher
 
 API = "/api/v1"
@@ -52,6 +53,8 @@ def create_app(settings: Settings, store: Store | None = None) -> falcon.asgi.Ap
     app.add_route(f"{mb}/events", MessageEvents(store, access, watcher))
     app.add_route(f"{mb}/messages/{{message_id}}", MessageItem(store, access))
     app.add_route(f"{mb}/messages/{{message_id}}/raw", MessageRaw(store, access))
+    app.add_route(f"{mb}/messages/{{message_id}}/links", MessageExtract(store, access, "links"))
+    app.add_route(f"{mb}/messages/{{message_id}}/codes", MessageExtract(store, access, "codes"))
     app.add_route(f"{mb}/messages/{{message_id}}/attachments/{{index}}", MessageAttachment(store, access))
     app.add_route(f"{API}/admin/mailboxes", AdminMailboxes(store, access, settings.api.max_page_size))
     app.add_route(f"{API}/admin/stats", AdminStats(store, access))

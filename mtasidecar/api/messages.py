@@ -193,6 +193,21 @@ class MessageItem:
         resp.status = falcon.HTTP_204
 
 
+class MessageExtract:
+    """GET .../links and .../codes: what extraction found, best first for codes."""
+
+    def __init__(self, store: Store, access: Access, key: str):
+        self.store, self.access, self.key = store, access, key
+
+    async def on_get(self, req, resp, address, message_id):
+        mailbox = await self.access.mailbox(req, address)
+        row = await run(self.store.get_message, mailbox.id, views.parse_id(message_id))
+        if row is None:
+            raise not_found(f"no message {message_id} in {mailbox.address}", "message_not_found")
+        best = "best_link" if self.key == "links" else "best_code"
+        resp.media = {"items": row["document"].get(self.key, []), best: row["document"].get(best)}
+
+
 class MessageRaw:
     def __init__(self, store: Store, access: Access):
         self.store, self.access = store, access

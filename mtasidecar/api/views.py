@@ -92,6 +92,10 @@ def message_detail(row: dict, base: str) -> dict:
         "headers": [{"name": k, "value": v} for k, v in doc.get("headers", [])],
         "parser": doc.get("parser"),
         "auth": doc.get("auth"),
+        "links": doc.get("links", []),
+        "codes": doc.get("codes", []),
+        "best_link": doc.get("best_link"),
+        "best_code": doc.get("best_code"),
         "defects": doc.get("defects", []),
         "raw_url": f"{url}/raw",
     })

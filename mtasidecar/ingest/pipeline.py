@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..mail.envelope import read_trace
+from ..mail.extract import extract
 from ..mail.blocklist import Blocklist
 from ..mail.parse import attachment_bytes, parse
 from ..mail.parse import intro as make_intro
@@ -117,6 +118,8 @@ def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dic
     note = None if recipient else "no Delivered-To or X-Original-To header: not delivered by Postfix"
     parsed = parse(raw)
     doc = _document(parsed, env, note)
+    found = extract(parsed.subject, parsed.text, parsed.html)
+    doc.update(found.to_dict())
     refused = _mark_blocked(parsed, raw, blocked)
     for a in doc.get("attachments", []):
         a["blocked"] = refused.get(a["index"])
@@ -141,6 +144,8 @@ def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dic
         spf=auth["spf"]["result"] if auth else None,
         dmarc=auth["dmarc"]["result"] if auth else None,
         authenticated=_authenticated(auth) if auth else None,
+        has_code=bool(found.codes),
+        has_link=bool(found.links),
         attachments=[{"index": a.index, "filename": a.filename, "content_type": a.content_type,
                       "size": a.size, "disposition": a.disposition, "content_id": a.content_id,
                       "blocked": refused.get(a.index)}

@@ -56,6 +56,10 @@ def sweep_once(store: Store, settings: Settings, now: float | None = None, batch
         counts["messages"] += _drain(lambda: store.sweep_old_messages(domain_id, now - domain.retention, batch))
         counts["messages"] += _drain(lambda: store.sweep_over_cap(domain_id, domain.max_messages,
                                                                   domain.max_bytes, batch))
+    configured = {d.name for d in settings.domains}
+    for name, domain_id in ids.items():
+        if name not in configured:  # removed from the configuration: its mail is unrouted mail now
+            counts["messages"] += _drain(lambda: store.sweep_old_messages(domain_id, now - UNROUTED_RETENTION, batch))
     counts["messages"] += _drain(lambda: store.sweep_old_messages(None, now - UNROUTED_RETENTION, batch))
     return counts
 

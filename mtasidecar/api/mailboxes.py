@@ -22,8 +22,9 @@ from .ratelimit import Limiter, client_ip
 
 run = asyncio.to_thread
 
-# RFC 5321 dot-atom, lower-cased (we compare addresses case-insensitively).
-_LOCAL_RE = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+# RFC 5321 dot-atom, lower-cased (we compare addresses case-insensitively), without "/": the
+# address is a path segment of every mailbox route, and servers decode %2F before routing.
+_LOCAL_RE = re.compile(r"^[a-z0-9!#$%&'*+=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+=?^_`{|}~-]+)*$")
 _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _ALPHABET = string.ascii_lowercase + string.digits
 RANDOM_LABEL_LENGTH = 6

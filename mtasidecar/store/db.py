@@ -36,7 +36,10 @@ def open_database(url: str) -> pw.Database:
         path = url.split("://", 1)[1][1:]
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = pw.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_S)
+        # IMMEDIATE: a transaction takes the write lock when it begins, waiting (busy timeout) for
+        # other writers. A DEFERRED one that reads, then writes, fails at once with "database is
+        # locked" (SQLITE_BUSY_SNAPSHOT) if another process committed in between.
+        db = pw.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_S, lock_type="IMMEDIATE")
     else:
         db = db_url.connect(url)
     database.initialize(db)

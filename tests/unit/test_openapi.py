@@ -4,16 +4,22 @@
   a validator package: every $ref resolves, every path parameter is
   declared, every object schema is closed (additionalProperties: false)
   and lists its required fields, so the schemas pin the exact field lists.
-* Its paths and methods are exactly the app's routes: read from falcon's
-  router, and probed over HTTP (documented → never 405, others → 405).
+* Its paths and methods are exactly the app's native routes: read from
+  falcon's router, and probed over HTTP (documented → never 405, others →
+  405). The mail.tm-compatible routes at the root (api/mailtm.py) follow
+  mail.tm's contract, not this document; test_mailtm.py checks them.
 * Every documented 2xx answer validates real answers (jsonschema), for
-  mail put into a real SQLite store by the real ingest pipeline; each
+  mail put into a real SQLite store by the real ingest pipeline, on public
+  and private domains (with tokens) and through the operator routes; each
   documented error status and code is one the app really gives, and the
-  app's error answers are documented and validate against Error.
+  app's error answers (with the headers documented for them:
+  WWW-Authenticate, Retry-After) are documented and validate against Error.
+* Each operation's security requirement is what the app enforces.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
@@ -21,13 +27,19 @@ from datetime import datetime
 from importlib import resources
 
 import falcon
+import falcon.testing
 import jsonschema
 import pytest
 
+from mtasidecar import tokens
+from mtasidecar.api import messages as message_resources
 from mtasidecar.api.app import create_app
 from tests.unit.test_api import (ADDRESS, BAD_REQUESTS, NO_SUCH_ID, UNROUTED, assert_error, eml,
                                  make_env, message_path, messages_path, send)
 from tests.unit.test_api import authenticator  # noqa: F401 (a fixture)
+from tests.unit.test_api import no_server_errors  # noqa: F401 (autouse: no request may get a 500)
+from tests.unit.test_mailboxes import (MAILBOX_BAD_REQUESTS, OPERATOR, box_env, create, deliver, owner_setup,
+                                       send_bad, zip_of)
 
 DOC = json.loads(resources.files("mtasidecar.api").joinpath("openapi.json").read_text())
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -67,17 +79,19 @@ def walk(node, where="#"):
 # -- OpenAPI 3.0 schema objects → JSON Schema -------------------------------------------------
 
 def to_json_schema(node):
-    """OpenAPI 3.0's ``nullable`` becomes a "null" type; the rest is JSON Schema already."""
+    """OpenAPI 3.0's ``nullable``: the schema, or null; the rest is JSON Schema already.
+
+    (``nullable`` needs a ``type`` beside it in OpenAPI 3.0.3; the document writes a nullable
+    reference as {"type": "object", "nullable": true, "allOf": [{"$ref": ...}]}.)
+    """
     if isinstance(node, list):
         return [to_json_schema(v) for v in node]
     if not isinstance(node, dict):
         return node
     out = {k: to_json_schema(v) for k, v in node.items() if k not in ("nullable", "example")}
     if node.get("nullable"):
-        if "type" in out:
-            out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
+        assert "type" in node, f"nullable without a type has no effect in OpenAPI 3.0.3: {node}"
+        return {"anyOf": [out, {"type": "null"}]}
     return out
 
 
@@ -136,9 +150,14 @@ def test_every_ref_resolves():
 
 def test_every_component_is_used():
     text = json.dumps(DOC["paths"]) + json.dumps(DOC["components"])
+    schemes = {name for _, _, op in operations() for requirement in op.get("security", []) for name in requirement}
     for kind, items in DOC["components"].items():
         for name in items:
+            if kind == "securitySchemes":  # named in security requirements, never $ref'd
+                assert name in schemes, f"{kind}/{name} is never used"
+                continue
             assert f'"#/components/{kind}/{name}"' in text, f"{kind}/{name} is never used"
+    assert schemes <= set(DOC["components"]["securitySchemes"]), schemes
 
 
 def test_path_parameters_are_declared():
@@ -172,7 +191,32 @@ def test_every_operation_documents_its_errors():
                 schema = response["content"]["application/json"]["schema"]
                 assert schema == {"$ref": "#/components/schemas/Error"}, (path, method, code)
         if "{address}" in path:
-            assert {"400", "404"} <= set(responses), (path, method)
+            assert {"400", "401", "404", "429"} <= set(responses), (path, method)
+        # Every operation says who may call it; 401s say how to authenticate, 429s when to come back.
+        assert "security" in op, (path, method)
+        if op["security"]:
+            assert {"401", "429"} <= set(responses), (path, method)
+        for code, headers in (("401", {"WWW-Authenticate"}), ("429", {"Retry-After"})):
+            if code in responses:
+                assert headers <= set(resolve(responses[code]).get("headers", {})), (path, method, code)
+
+
+SCHEMES = {"mailbox": [{}, {"mailboxToken": []}, {"operatorToken": []}], "operator": [{"operatorToken": []}],
+           "none": []}
+
+
+def test_security_requirements():
+    """Open routes need nothing; mailbox routes a mailbox's token (optional: public domains); admin the operator's."""
+    for path, method, op in operations():
+        if path.startswith("/api/v1/admin/"):
+            kind = "operator"
+        elif "{address}" in path:
+            kind = "mailbox"
+        else:
+            kind = "none"
+        assert op["security"] == SCHEMES[kind], (path, method, op["security"])
+    for scheme in DOC["components"]["securitySchemes"].values():
+        assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
 
 
 def documented_codes(path: str, method: str, status: int) -> set[str]:
@@ -184,10 +228,14 @@ def documented_codes(path: str, method: str, status: int) -> set[str]:
 def test_documented_error_codes():
     """The statuses and codes the task (and the code) define are all in the document."""
     item = "/api/v1/mailboxes/{address}/messages/{message_id}"
+    box = "/api/v1/mailboxes/{address}"
     expected = {
         ("/api/v1/mailboxes/{address}/messages", "get", 400): {"malformed_address", "bad_limit", "bad_cursor",
-                                                                     "bad_auth_filter"},
-        ("/api/v1/mailboxes/{address}/messages", "get", 404): {"mailbox_not_found"},
+                                                                     "bad_auth_filter", "bad_wait", "bad_has",
+                                                                     "bad_from", "bad_subject", "bad_to",
+                                                                     "malformed_id"},
+        # message_not_found: ?after= an id no row can have
+        ("/api/v1/mailboxes/{address}/messages", "get", 404): {"mailbox_not_found", "message_not_found"},
         (item, "get", 400): {"malformed_address", "malformed_id"},
         (item, "get", 404): {"mailbox_not_found", "message_not_found"},
         (item, "patch", 400): {"malformed_address", "malformed_id", "malformed_json"},
@@ -200,6 +248,30 @@ def test_documented_error_codes():
         (item + "/attachments/{index}", "get", 404): {"mailbox_not_found", "message_not_found",
                                                       "attachment_not_found"},
         ("/api/v1/domains", "get", 405): {"method_not_allowed"},
+        # temporary mailboxes
+        ("/api/v1/mailboxes/{address}/messages", "get", 401): {"unauthorized", "malformed_token"},
+        ("/api/v1/mailboxes/{address}/messages", "get", 429): {"rate_limited"},
+        (item, "delete", 401): {"unauthorized", "malformed_token"},
+        (item + "/attachments/{index}", "get", 403): {"attachment_blocked"},
+        ("/api/v1/mailboxes", "post", 400): {"malformed_json"},
+        ("/api/v1/mailboxes", "post", 409): {"address_taken"},
+        ("/api/v1/mailboxes", "post", 413): {"body_too_large"},
+        ("/api/v1/mailboxes", "post", 415): {"unsupported_media_type"},
+        ("/api/v1/mailboxes", "post", 422): {"invalid_local_part", "reserved_local_part", "unknown_domain",
+                                             "subdomains_not_allowed", "invalid_subdomain", "ttl_out_of_range",
+                                             "address_too_long", "unknown_field", "invalid_body"},
+        ("/api/v1/mailboxes", "post", 429): {"rate_limited"},
+        (box, "get", 400): {"malformed_address"},
+        (box, "get", 401): {"unauthorized", "malformed_token"},
+        (box, "get", 404): {"mailbox_not_found"},
+        (box, "patch", 400): {"malformed_address", "malformed_json"},
+        (box, "patch", 422): {"invalid_body", "ttl_out_of_range", "unknown_domain"},
+        (box, "delete", 404): {"mailbox_not_found"},
+        (box, "delete", 429): {"rate_limited"},
+        ("/api/v1/admin/mailboxes", "get", 400): {"bad_limit", "bad_cursor"},
+        ("/api/v1/admin/mailboxes", "get", 401): {"unauthorized", "bad_token", "malformed_token"},
+        ("/api/v1/admin/stats", "get", 401): {"unauthorized", "bad_token", "malformed_token"},
+        ("/api/v1/admin/stats", "get", 429): {"rate_limited"},
     }
     for (path, method, status), codes in expected.items():
         assert documented_codes(path, method, status) == codes, (path, method, status)
@@ -209,16 +281,24 @@ def test_documented_error_codes():
 
 # -- routes: the document and the app agree exactly -----------------------------------------------
 
-def app_routes(app) -> set[tuple[str, str]]:
-    """(uri template, METHOD) for every responder a resource defines, read from falcon's router."""
+MAILTM = "mtasidecar.api.mailtm"  # the mail.tm-compatible API: its own contract, not this document
+
+
+def app_routes(app, native: bool | None = None) -> set[tuple[str, str]]:
+    """(uri template, METHOD) for every responder a resource defines, read from falcon's router.
+
+    ``native``: True for the native API's routes only, False for the mail.tm ones only.
+    """
     routes = set()
 
     def visit(nodes):
         for node in nodes:
             if node.resource is not None:
+                is_native = type(node.resource).__module__ != MAILTM
                 for method, responder in node.method_map.items():
                     own = getattr(responder, "__self__", None) is node.resource
-                    if own and getattr(responder, "__name__", "").startswith("on_"):
+                    if own and getattr(responder, "__name__", "").startswith("on_") \
+                            and native in (None, is_native):
                         routes.add((node.uri_template, method))
             visit(node.children)
 
@@ -229,8 +309,10 @@ def app_routes(app) -> set[tuple[str, str]]:
 def test_document_paths_and_methods_are_the_routes(tmp_path):
     env = make_env(tmp_path)
     app = create_app(env.settings, env.store)
-    routes = app_routes(app)
+    routes = app_routes(app, native=True)
     assert ("/healthz", "GET") in routes  # the router walk found something real
+    # What is left out is mail.tm's, at the root, never under the native prefix.
+    assert all(not path.startswith("/api/v1") for path, _ in app_routes(app, native=False))
     documented = {(path, method.upper()) for path, method, _ in operations()}
     assert documented == routes, {"undocumented": routes - documented, "not served": documented - routes}
 
@@ -238,8 +320,9 @@ def test_document_paths_and_methods_are_the_routes(tmp_path):
 def test_probing_every_path_with_every_method(tmp_path):
     """The same, seen from outside: documented methods never 405, all others always do."""
     env = make_env(tmp_path)
-    (mid,) = env.deliver(eml(attachments=(("a.txt", "text/plain", b"a"),)))
-    values = {"address": ADDRESS, "message_id": NO_SUCH_ID, "index": "0"}  # nothing gets deleted
+    env.deliver(eml(attachments=(("a.txt", "text/plain", b"a"),)))
+    # An address nobody has: nothing gets deleted, and the event stream answers 404 instead of streaming.
+    values = {"address": "nobody@example.test", "message_id": NO_SUCH_ID, "index": "0"}
     for path, item in DOC["paths"].items():
         url = path.format(**{k: v for k, v in values.items() if "{" + k + "}" in path})
         documented = {m.upper() for m in METHODS if m in item}
@@ -260,10 +343,15 @@ def test_probing_every_path_with_every_method(tmp_path):
 
 # -- real answers validate against the documented schemas ----------------------------------------
 
+PRIVATE_BOX = "secret@private.test"
+DOC_DOMAINS = [{"name": "example.test", "mode": "public"}, {"name": "sub.test", "subdomains": True, "mode": "public"},
+               {"name": "private.test"}, {"name": "rnd.test", "subdomains": True, "random_subdomain": True}]
+
+
 @pytest.fixture
 def filled(tmp_path, authenticator):  # noqa: F811
-    """Mail of every shape, delivered through the real pipeline."""
-    env = make_env(tmp_path)
+    """Mail of every shape, delivered through the real pipeline, on public and private domains."""
+    env = make_env(tmp_path, MTASIDECAR_DOMAINS=json.dumps(DOC_DOMAINS), MTASIDECAR_API_OPERATOR_TOKEN=OPERATOR)
     ids = {}
     ids["plain"], ids["rich"], ids["html_only"], ids["weird"] = env.deliver(
         eml(subject="plain"),
@@ -283,13 +371,60 @@ def filled(tmp_path, authenticator):  # noqa: F811
     ids["auth_pass"], ids["auth_fail"] = env.deliver(
         eml(subject="checked, passes"), eml(subject="checked, fails", sender="ceo@forged.test"),
         authenticator=authenticator)
+    # What extraction finds: a one-time code and links (verification, unsubscribe, other).
+    ids["verify"], = env.deliver(eml(
+        subject="Your verification code", text="Your verification code is 739104.\n",
+        html='<p>Code: <b>739104</b></p><a href="https://origin.test/verify?t=abc">Verify your e-mail</a> '
+             '<a href="https://origin.test/unsubscribe">Unsubscribe</a> <a href="https://origin.test/">Home</a>'))
+    # A private mailbox, made through the API, with attachments the blocklist refuses (and one it does not).
+    env.box = create(env, domain="private.test", local_part="secret")
+    ids["private"], = deliver(env, eml(PRIVATE_BOX, subject="private", attachments=(
+        ("ok.pdf", "application/pdf", b"%PDF"), ("run.exe", "application/octet-stream", b"MZ"),
+        ("pack.zip", "application/zip", zip_of("a/b.exe")))))
     env.ids = ids
     return env
 
 
-def test_2xx_answers_validate(filled):
+def auth_for(env, address: str) -> dict:
+    """What it takes to read ``address``: its token (private), the operator's (unrouted), nothing (public)."""
+    if address == PRIVATE_BOX:
+        return {"Authorization": f"Bearer {env.box['token']}"}
+    if address == UNROUTED:
+        return {"Authorization": f"Bearer {OPERATOR}"}
+    return {}
+
+
+async def sse_frames(app, url: str, headers: dict, count: int, timeout: float = 10) -> tuple[object, list[str]]:
+    """Open an event stream, read until ``count`` frames carry data, hang up. (The StreamedResult, the frames.)"""
+    async with falcon.testing.ASGIConductor(app) as conductor:
+        async with conductor.simulate_get_stream(url, headers=headers) as sr:
+            buf = b""
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                frames = [f for f in buf.decode().split("\n\n") if "data:" in f]
+                if len(frames) >= count:
+                    return sr, frames
+                assert asyncio.get_running_loop().time() < deadline, f"timed out; got {buf!r}"
+                chunk = await sr.stream.read()
+                if not chunk:
+                    await asyncio.sleep(0.01)
+                buf += chunk
+
+
+def sse_data(frame: str) -> dict:
+    return json.loads("".join(line[5:].strip() for line in frame.splitlines() if line.startswith("data:")))
+
+
+@pytest.fixture
+def quick_heartbeat(monkeypatch):
+    # A stream notices its client left at its next frame: keep the tests short.
+    monkeypatch.setattr(message_resources.MessageEvents, "HEARTBEAT", 0.2)
+
+
+def test_2xx_answers_validate(filled, quick_heartbeat):
     env = filled
     exercised = set()
+    operator = {"Authorization": f"Bearer {OPERATOR}"}
 
     def check(path, method, status, url, **kw):
         r = env.request(method.upper(), url, **kw)
@@ -305,8 +440,8 @@ def test_2xx_answers_validate(filled):
             (ctype,) = content
             if ctype != "*/*":
                 assert r.headers["content-type"] == ctype
-            for name in response.get("headers", {}):
-                assert name.lower() in r.headers, (url, name)
+        for name in response.get("headers", {}):
+            assert name.lower() in r.headers, (url, name)
         exercised.add((path, method, status))
         return r
 
@@ -314,32 +449,88 @@ def test_2xx_answers_validate(filled):
     check("/api/v1/openapi.json", "get", 200, "/api/v1/openapi.json")
     check("/api/v1/domains", "get", 200, "/api/v1/domains")
 
+    # Mailboxes: created every way, read, extended, deleted.
+    boxes = "/api/v1/mailboxes"
+    box = boxes + "/{address}"
+    made = [check(boxes, "post", 201, boxes).json,
+            check(boxes, "post", 201, boxes, json={"domain": "rnd.test"}).json,
+            check(boxes, "post", 201, boxes, json={"domain": "sub.test", "subdomain": "random", "ttl": 60}).json,
+            check(boxes, "post", 201, boxes, json={"domain": "example.test", "local_part": "Made.Here",
+                                                   "ttl": 3600}).json]
+    for m in made:
+        token = {"Authorization": f"Bearer {m['token']}"}
+        check(box, "get", 200, f"{boxes}/{m['address']}", headers=token)
+        check(box, "patch", 200, f"{boxes}/{m['address']}", json={"ttl": 7200}, headers=token)
+    check(box, "get", 200, f"{boxes}/{ADDRESS}")  # made by mail on a public domain: expires_at null
+    check(box, "get", 200, f"{boxes}/{UNROUTED}", headers=operator)
+    check(box, "delete", 204, f"{boxes}/{made[0]['address']}", headers={"Authorization": f"Bearer {made[0]['token']}"})
+
     lst = "/api/v1/mailboxes/{address}/messages"
     item = lst + "/{message_id}"
     pages = 0
-    for address, auth in ((ADDRESS, None), (ADDRESS, "pass"), (ADDRESS, "fail"), (UNROUTED, None),
-                          ("x@deep.sub.test", None)):
+    for address, params in ((ADDRESS, {}), (ADDRESS, {"auth": "pass"}), (ADDRESS, {"auth": "fail"}),
+                            (UNROUTED, {}), ("x@deep.sub.test", {}), (PRIVATE_BOX, {}),
+                            (ADDRESS, {"from": "origin", "subject": "i", "to": "inbox", "wait": "1"}),
+                            (ADDRESS, {"after": env.ids["plain"]}), (ADDRESS, {"has": "link"})):
         cursor = None
         while True:
-            params = {"limit": "2", **({"cursor": cursor} if cursor else {}), **({"auth": auth} if auth else {})}
-            r = check(lst, "get", 200, messages_path(address), params=params)
+            query = {"limit": "2", **({"cursor": cursor} if cursor else {}), **params}
+            r = check(lst, "get", 200, messages_path(address), params=query, headers=auth_for(env, address))
             pages += 1
             for summary in r.json["items"]:
-                check(item, "get", 200, summary["url"])
+                check(item, "get", 200, summary["url"], headers=auth_for(env, address))
             cursor = r.json["next_cursor"]
             if not cursor:
                 break
-    assert pages >= 6
+    assert pages >= 10
 
     for name, mid in env.ids.items():
-        address = {"unrouted": UNROUTED, "sub": "x@deep.sub.test"}.get(name, ADDRESS)
-        detail = check(item, "get", 200, message_path(mid, address)).json
+        address = {"unrouted": UNROUTED, "sub": "x@deep.sub.test", "private": PRIVATE_BOX}.get(name, ADDRESS)
+        auth = auth_for(env, address)
+        detail = check(item, "get", 200, message_path(mid, address), headers=auth).json
         if name != "set_aside":
-            check(item + "/raw", "get", 200, detail["raw_url"])
+            check(item + "/raw", "get", 200, detail["raw_url"], headers=auth)
         for att in detail["attachments"]:
-            check(item + "/attachments/{index}", "get", 200, att["url"])
-        check(item, "patch", 200, detail["url"], json={"seen": True})
+            if att["blocked"] is None:
+                check(item + "/attachments/{index}", "get", 200, att["url"], headers=auth)
+        for what in ("links", "codes"):
+            found = check(f"{item}/{what}", "get", 200, f"{detail['url']}/{what}", headers=auth).json
+            assert found["items"] == detail[what]
+        check(item, "patch", 200, detail["url"], json={"seen": True}, headers=auth)
+    assert [a["blocked"] is None for a in env.get(message_path(env.ids["private"], PRIVATE_BOX),
+                                                   headers=auth_for(env, PRIVATE_BOX)).json["attachments"]] == \
+        [True, False, False]
     check(item, "delete", 204, message_path(env.ids["plain"]))
+    verify = env.get(message_path(env.ids["verify"])).json
+    assert verify["best_code"]["normalized"] == "739104" and verify["best_link"]["kind"] == "verification"
+
+    # The event stream: existing mail after ?after=, each event's data a MessageSummary.
+    events = "/api/v1/mailboxes/{address}/events"
+    for address in (ADDRESS, PRIVATE_BOX):
+        url = f"/api/v1/mailboxes/{address}/events?after={'0' * 24}"
+        sr, frames = asyncio.run(sse_frames(env.client.app, url, auth_for(env, address), 1))
+        assert sr.status == "200 OK"
+        response = resolve(DOC["paths"][events]["get"]["responses"]["200"])
+        (ctype,) = response["content"]
+        assert sr.headers["content-type"].startswith(ctype)
+        for name in response.get("headers", {}):
+            assert name.lower() in sr.headers, name
+        assert "event: message" in frames[0]
+        validate(sse_data(frames[0]), DOC["components"]["schemas"]["MessageSummary"])
+    exercised.add((events, "get", 200))
+
+    # Operator routes.
+    admin = "/api/v1/admin/mailboxes"
+    cursor, listed = None, 0
+    while True:
+        r = check(admin, "get", 200, admin, params={"limit": "2", **({"cursor": cursor} if cursor else {})},
+                  headers=operator)
+        listed += len(r.json["items"])
+        cursor = r.json["next_cursor"]
+        if not cursor:
+            break
+    assert listed == env.get("/api/v1/admin/stats", headers=operator).json["mailboxes"] >= 7
+    check("/api/v1/admin/stats", "get", 200, "/api/v1/admin/stats", headers=operator)
 
     documented = {(path, method, int(code)) for path, method, op in operations()
                   for code in op["responses"] if code.startswith("2")}
@@ -362,8 +553,27 @@ def test_schemas_reject_wrong_shapes(filled):
     validate(detail, schema)
     for mutate in (lambda d: d.pop("text"), lambda d: d.update(extra=1), lambda d: d.update(seen="no"),
                    lambda d: d["attachments"][0].pop("url"), lambda d: d.update(received_at="yesterday"),
-                   lambda d: d.update(id="xyz"), lambda d: d["from"].update(name=None)):
+                   lambda d: d.update(id="xyz"), lambda d: d["from"].update(name=None),
+                   lambda d: d.pop("codes"), lambda d: d.update(best_code={"value": "1"}),
+                   lambda d: d.update(links=[{"url": "https://x.test/", "text": "", "kind": "phishing"}])):
         broken = copy.deepcopy(detail)
+        mutate(broken)
+        with pytest.raises(AssertionError):
+            validate(broken, schema)
+    # The blocked field is pinned too, and so is the shape of a new mailbox.
+    private = env.get(message_path(env.ids["private"], PRIVATE_BOX), headers=auth_for(env, PRIVATE_BOX)).json
+    validate(private, schema)
+    for mutate in (lambda d: d["attachments"][1].pop("blocked"), lambda d: d["attachments"][1].update(blocked=1)):
+        broken = copy.deepcopy(private)
+        mutate(broken)
+        with pytest.raises(AssertionError):
+            validate(broken, schema)
+    new = create(env)
+    schema = response_schema("/api/v1/mailboxes", "post", 201)
+    validate(new, schema)
+    for mutate in (lambda d: d.pop("token"), lambda d: d.update(token="secret"), lambda d: d.update(expires_at=5),
+                   lambda d: d.update(password="x")):
+        broken = copy.deepcopy(new)
         mutate(broken)
         with pytest.raises(AssertionError):
             validate(broken, schema)
@@ -382,25 +592,95 @@ def template_for(url: str) -> str | None:
     return None
 
 
+def assert_documented(r, method: str, url: str) -> dict:
+    """An error answer: Error-shaped, and its status, code and headers documented for its operation."""
+    body = assert_error(r, r.status_code)
+    validate(body, DOC["components"]["schemas"]["Error"])
+    path = template_for(url)
+    method = method.lower()
+    if path is None or method not in DOC["paths"][path]:
+        # Unknown routes and methods: documented globally (info.description) as 404 / 405.
+        assert (r.status_code, body["error"]) in {(404, "not_found"), (405, "method_not_allowed")}
+        assert f"{r.status_code} (error: {body['error']})" in DOC["info"]["description"]
+        return body
+    responses = DOC["paths"][path][method]["responses"]
+    assert str(r.status_code) in responses, f"{method} {path} answers {r.status_code}, undocumented"
+    assert body["error"] in documented_codes(path, method, r.status_code), (path, method, body)
+    for name in resolve(responses[str(r.status_code)]).get("headers", {}):
+        assert name.lower() in r.headers, (path, method, r.status_code, name)
+    return body
+
+
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
 def test_error_answers_are_documented(tmp_path, name):
     bad = BAD_REQUESTS[name]
     env = make_env(tmp_path)
     (mid,) = env.deliver(eml(attachments=(("one.txt", "text/plain", b"one"),)))
     r = send(env, bad, mid)
-    body = assert_error(r, bad.status, bad.code)
-    validate(body, DOC["components"]["schemas"]["Error"])
-    url = bad.path.replace("{mid}", mid)
-    path = template_for(url)
-    method = bad.method.lower()
-    if path is None or method not in DOC["paths"][path]:
-        # Unknown routes and methods: documented globally (info.description) as 404 / 405.
-        assert (bad.status, body["error"]) in {(404, "not_found"), (405, "method_not_allowed")}
-        assert f"{bad.status} (error: {body['error']})" in DOC["info"]["description"]
-        return
-    responses = DOC["paths"][path][method]["responses"]
-    assert str(bad.status) in responses, f"{bad.method} {path} answers {bad.status}, undocumented"
-    assert body["error"] in documented_codes(path, method, bad.status), (path, method, body)
+    assert_error(r, bad.status, bad.code)
+    assert_documented(r, bad.method, bad.path.replace("{mid}", mid))
+
+
+@pytest.mark.parametrize("name", list(MAILBOX_BAD_REQUESTS))
+def test_mailbox_error_answers_are_documented(tmp_path, name):
+    bad = MAILBOX_BAD_REQUESTS[name]
+    env = box_env(tmp_path)
+    owner = owner_setup(env)
+    r = send_bad(env, owner, bad)
+    assert_error(r, bad.status, bad.code)
+    assert_documented(r, bad.method, bad.path.replace("{box}", f"/api/v1/mailboxes/{owner['address']}"))
+
+
+def test_rate_limit_answers_are_documented(tmp_path):
+    env = box_env(tmp_path, MTASIDECAR_API_CREATE_RATE="1", MTASIDECAR_API_AUTH_FAILURE_RATE="1")
+    box = create(env)
+    create(env)
+    r = env.request("POST", "/api/v1/mailboxes", json={})
+    assert_documented(r, "POST", "/api/v1/mailboxes")
+    assert r.status_code == 429
+    wrong = {"Authorization": f"Bearer {tokens.new_token()}"}
+    url = f"/api/v1/mailboxes/{box['address']}"
+    while env.get(url, headers=wrong).status_code != 429:
+        pass
+    for method, path in (("GET", url), ("PATCH", url), ("DELETE", url), ("GET", url + "/messages"),
+                         ("GET", url + "/events"), ("GET", f"{url}/messages/{NO_SUCH_ID}/raw"),
+                         ("GET", "/api/v1/admin/stats"), ("GET", "/api/v1/admin/mailboxes")):
+        r = env.request(method, path, headers={"Authorization": f"Bearer {box['token']}"})
+        assert r.status_code == 429, (method, path)
+        assert_documented(r, method, path)
+
+
+def test_blocked_attachment_403_is_documented(filled):
+    env = filled
+    url = message_path(env.ids["private"], PRIVATE_BOX) + "/attachments/1"
+    r = env.get(url, headers=auth_for(env, PRIVATE_BOX))
+    assert r.status_code == 403
+    assert_documented(r, "GET", url)
+
+
+def test_security_is_what_the_app_enforces(filled, quick_heartbeat):
+    """Open operations answer without credentials; the others 401 without, and open with, theirs."""
+    env = filled
+    values = {"message_id": env.ids["private"], "index": "0"}
+    for path, method, op in operations():
+        if method == "delete" or path.endswith("/events"):
+            continue  # destructive / endless: their security is the same as their path's GET
+        url = path.format(address=PRIVATE_BOX, **{k: v for k, v in values.items() if "{" + k + "}" in path})
+        kw = {"json": {"seen": True} if "message_id" in path else {"ttl": 600}} if method == "patch" else {}
+        if method == "post":
+            kw = {"json": {}}
+        r = env.request(method.upper(), url, **kw)
+        if not op["security"]:
+            assert r.status_code < 400, (method, path, r.status_code)
+            continue
+        assert r.status_code == 401, (method, path, r.status_code)
+        for requirement in op["security"]:
+            if not requirement:
+                continue  # optional: public domains (test_2xx_answers_validate reads them without a token)
+            (scheme,) = requirement
+            token = OPERATOR if scheme == "operatorToken" else env.box["token"]
+            r = env.request(method.upper(), url, headers={"Authorization": f"Bearer {token}"}, **kw)
+            assert r.status_code < 300, (method, path, scheme, r.status_code, r.text)
 
 
 def test_set_aside_raw_410_is_documented(tmp_path):

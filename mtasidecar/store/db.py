@@ -20,7 +20,9 @@ SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "normal",
     "foreign_keys": 1,
-    "cache_size": -32000,  # 32 MB page cache per connection
+    # Small page cache per connection: the file is memory-mapped anyway, and
+    # every API thread has its own connection (32 MB each cost ~200 MB per worker).
+    "cache_size": -4000,
     "temp_store": "memory",
     # Let SQLite map the file: list scans then cost no read() syscalls.
     "mmap_size": 1 << 30,

@@ -1,0 +1,80 @@
+"""The API's hottest reads as SQL written once, not rebuilt per request.
+
+Building a query through peewee costs more than SQLite takes to answer it
+(measured: ~0.9 ms per list request in the query layer against ~0.15 ms
+with prepared SQL text). The column lists still come from the models, so a
+renamed field cannot drift; placeholders come from the database (? for
+SQLite, %s for PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import peewee as pw
+
+from .models import Domain, Mailbox, Message, MessageBody, Token
+
+
+def _q(field: pw.Field) -> str:
+    return f'"{field.column_name}"'
+
+
+def _table(model) -> str:
+    return f'"{model._meta.table_name}"'
+
+
+class HotQueries:
+    def __init__(self, db: pw.Database, list_fields: tuple[pw.Field, ...]):
+        self.db = db
+        p = db.param
+        self._names = [f.name for f in list_fields]
+        self._bools = [i for i, f in enumerate(list_fields) if isinstance(f, pw.BooleanField)]
+        cols = ", ".join(f"m.{_q(f)}" for f in list_fields)
+        m = _table(Message)
+        where = f"m.{_q(Message.mailbox)} = {p}"
+        order = f"ORDER BY m.{_q(Message.id)} DESC LIMIT {p}"
+        self._page = f"SELECT {cols} FROM {m} m WHERE {where} {order}"
+        self._page_before = f"SELECT {cols} FROM {m} m WHERE {where} AND m.{_q(Message.id)} < {p} {order}"
+        self._message = (f"SELECT {cols}, m.{_q(Message.envelope_to)}, b.{_q(MessageBody.document)} "
+                         f"FROM {m} m JOIN {_table(MessageBody)} b ON b.{_q(MessageBody.message)} = m.{_q(Message.id)} "
+                         f"WHERE m.{_q(Message.id)} = {p} AND {where}")
+        mailbox_cols = [f for f in Mailbox._meta.sorted_fields]
+        self._mailbox_names = [f.name for f in mailbox_cols]
+        self._mailbox = (f"SELECT {', '.join(f'x.{_q(f)}' for f in mailbox_cols)}, d.{_q(Domain.mode)} "
+                         f"FROM {_table(Mailbox)} x LEFT OUTER JOIN {_table(Domain)} d "
+                         f"ON d.{_q(Domain.id)} = x.{_q(Mailbox.domain)} WHERE x.{_q(Mailbox.address)} = {p}")
+        self._token = (f"SELECT {_q(Token.mailbox)} FROM {_table(Token)} WHERE {_q(Token.token_hash)} = {p}")
+
+    def _rows(self, sql: str, params) -> list[tuple]:
+        return self.db.execute_sql(sql, params).fetchall()
+
+    def _dict(self, row: tuple, extra: tuple[str, ...] = ()) -> dict:
+        out = dict(zip(self._names + list(extra), row))
+        for i in self._bools:  # SQLite hands booleans back as 0/1
+            name = self._names[i]
+            if out[name] is not None:
+                out[name] = bool(out[name])
+        return out
+
+    def list_page(self, mailbox_id: int, limit: int, before_id: int | None) -> list[dict]:
+        if before_id is None:
+            rows = self._rows(self._page, (mailbox_id, limit))
+        else:
+            rows = self._rows(self._page_before, (mailbox_id, before_id, limit))
+        return [self._dict(r) for r in rows]
+
+    def message(self, mailbox_id: int, message_id: int) -> dict | None:
+        rows = self._rows(self._message, (message_id, mailbox_id))
+        return self._dict(rows[0], ("envelope_to", "document")) if rows else None
+
+    def mailbox_with_mode(self, address: str) -> tuple[Mailbox | None, str | None]:
+        rows = self._rows(self._mailbox, (address,))
+        if not rows:
+            return None, None
+        *values, mode = rows[0]
+        # The foreign key's column value goes in as domain_id (no Domain query).
+        fields = {("domain_id" if name == "domain" else name): v for name, v in zip(self._mailbox_names, values)}
+        return Mailbox(**fields), mode
+
+    def token_mailbox(self, token_hash: str) -> int | None:
+        rows = self._rows(self._token, (token_hash,))
+        return rows[0][0] if rows else None

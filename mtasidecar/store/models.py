@@ -1,4 +1,5 @@
-"""Peewee models: domains, mailboxes, messages, message bodies, attachments.
+"""Peewee models: domains, mailboxes, messages, message bodies, attachments,
+webhooks and their delivery outbox.
 
 The database is bound late through a proxy so the same models serve SQLite
 (one box) and PostgreSQL (several hosts sharing one store).
@@ -33,7 +34,20 @@ class Domain(BaseModel):
     created_at = pw.DoubleField()
 
 
+class IdField(pw.AutoField):
+    """A row id never handed out twice: clients resume after ids (SSE Last-Event-ID, ?after=) and the
+    new-mail watcher waits for ids above the newest. SQLite reuses the largest rowid once that row is
+    deleted, unless the table is AUTOINCREMENT; PostgreSQL sequences never reuse."""
+
+    def ddl(self, ctx):
+        node = super().ddl(ctx)
+        if isinstance(database.obj, pw.SqliteDatabase):
+            return pw.NodeList((node, pw.SQL("AUTOINCREMENT")))
+        return node
+
+
 class Mailbox(BaseModel):
+    id = IdField()
     address = pw.CharField(max_length=320, unique=True)
     # Null when mail arrived for a domain no longer configured: kept, not lost.
     domain = pw.ForeignKeyField(Domain, null=True, backref="mailboxes", on_delete="CASCADE")
@@ -60,6 +74,7 @@ class Token(BaseModel):
 
 
 class Message(BaseModel):
+    id = IdField()
     mailbox = pw.ForeignKeyField(Mailbox, backref="messages", on_delete="CASCADE", index=False)
     # The Maildir file name without its ":2,..." info part: the key that makes
     # re-ingesting a file after a crash a no-op instead of a duplicate.
@@ -114,4 +129,46 @@ class Attachment(BaseModel):
         primary_key = pw.CompositeKey("message", "index")
 
 
-MODELS = (Domain, Mailbox, Token, Message, MessageBody, Attachment)
+class Webhook(BaseModel):
+    """A mailbox's webhook: each new message of the mailbox is POSTed to ``url``,
+    signed with ``secret``. (The operator-wide webhook lives in the settings.)"""
+
+    mailbox = pw.ForeignKeyField(Mailbox, backref="webhooks", on_delete="CASCADE")
+    url = pw.TextField()
+    secret = pw.TextField()
+    created_at = pw.DoubleField()
+
+
+class Delivery(BaseModel):
+    """The outbox: one row per (new message, webhook), written in the ingest
+    transaction that stores the message, so no event is lost to a crash.
+
+    ``webhook`` is null for the operator-wide webhook. ``message_id`` is no
+    foreign key: the record of an attempt outlives the message. A sender
+    claims a due row by stamping ``claim`` and pushing ``next_attempt_at``
+    past its attempt (a lease): a sender that dies mid-attempt leaves the row
+    due again once the lease is over.
+    """
+
+    webhook = pw.ForeignKeyField(Webhook, null=True, backref="deliveries", on_delete="CASCADE", index=False)
+    mailbox = pw.ForeignKeyField(Mailbox, backref="deliveries", on_delete="CASCADE")
+    message_id = pw.BigIntegerField()
+    url = pw.TextField()
+    status = pw.CharField(max_length=16, default="pending")  # pending | delivered | failed
+    attempts = pw.IntegerField(default=0)
+    next_attempt_at = pw.DoubleField(null=True)  # null once delivered or failed
+    claim = pw.CharField(max_length=32, null=True)
+    last_error = pw.TextField(null=True)
+    last_status_code = pw.IntegerField(null=True)
+    created_at = pw.DoubleField()
+    delivered_at = pw.DoubleField(null=True)
+
+    class Meta:
+        indexes = (
+            (("status", "next_attempt_at"), False),  # the sender: what is due
+            (("webhook", "id"), False),              # a webhook's deliveries, newest first
+            (("status", "id"), False),               # the operator's view by status
+        )
+
+
+MODELS = (Domain, Mailbox, Token, Message, MessageBody, Attachment, Webhook, Delivery)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import peewee as pw
 
 from .db import create_schema, open_database
-from .models import Attachment, Domain, Mailbox, Message, MessageBody, Token
+from .hot import HotQueries
+from .models import Attachment, Delivery, Domain, Mailbox, Message, MessageBody, Token, Webhook
 
 def fn_exists(query):
     return pw.fn.EXISTS(query)
@@ -105,9 +106,14 @@ class MessageFilter:
 
 
 class Store:
+    # The operator-wide webhook (settings.webhooks.url), set by the ingester:
+    # every new message gets an outbox row for it. Empty: none.
+    operator_webhook_url: str = ""
+
     def __init__(self, url: str):
         self.url = url
         self.db = open_database(url)
+        self._sql = HotQueries(self.db, self.LIST_FIELDS)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -161,6 +167,7 @@ class Store:
             fresh = [m for m in fresh if not (m.spool_name in seen or seen.add(m.spool_name))]
             mailbox_ids = self._mailboxes_for({m.recipient for m in fresh})
             counts: dict[int, list[int]] = {}
+            stored: list[tuple[int, int]] = []  # (message id, mailbox id): webhook events
             for m in fresh:
                 mb = mailbox_ids[m.recipient]
                 msg_id = Message.insert(
@@ -176,6 +183,7 @@ class Store:
                 if m.attachments:
                     Attachment.insert_many([dict(a, message=msg_id) for a in m.attachments]).execute()
                 done[m.spool_name] = msg_id
+                stored.append((msg_id, mb))
                 if new is not None:
                     new.add(m.spool_name)
                 c = counts.setdefault(mb, [0, 0])
@@ -184,6 +192,7 @@ class Store:
             for mb, (n, size) in counts.items():
                 Mailbox.update(message_count=Mailbox.message_count + n,
                                bytes_used=Mailbox.bytes_used + size).where(Mailbox.id == mb).execute()
+            self._queue_webhook_events(stored)  # the outbox: same transaction as the messages
         return done
 
     def _existing_ids(self, names: list[str]) -> dict[str, int]:
@@ -200,13 +209,19 @@ class Store:
                      .where(Mailbox.address.in_(list(addresses))).tuples()) if addresses else {}
         missing = addresses - set(found)
         if missing:
-            domains = {d.name: (d.id, d.subdomains) for d in Domain.select()}
-            allowed = {name: sub for name, (_id, sub) in domains.items()}
+            domains = {d.name: (d.id, d.subdomains, d.mode) for d in Domain.select()}
+            allowed = {name: sub for name, (_id, sub, _mode) in domains.items()}
             now = time.time()
             for address in sorted(missing):
                 dom = domain_of(address, allowed)
+                # On private domains only the API makes mailboxes. Mail that got in anyway (queued
+                # before a DELETE or the expiry, or let through while the policy service was down)
+                # lands in an already expired mailbox: the operator can read it until the sweeper
+                # removes it, and the address stays refused at SMTP time and free to be created.
+                private = dom is not None and domains[dom][2] == "private"
                 found[address] = Mailbox.insert(
                     address=address, domain=domains[dom][0] if dom else None, created_at=now,
+                    expires_at=now if private else None,
                 ).execute()
         return found
 
@@ -220,11 +235,7 @@ class Store:
 
     def mailbox_with_mode(self, address: str) -> tuple[Mailbox | None, str | None]:
         """The mailbox (or None) and the mode of its domain (None: unrouted)."""
-        row = (Mailbox.select(Mailbox, Domain.mode).join(Domain, pw.JOIN.LEFT_OUTER)
-               .where(Mailbox.address == address).objects().first())
-        if row is None:
-            return None, None
-        return row, getattr(row, "mode", None)
+        return self._sql.mailbox_with_mode(address)
 
     def domains_map(self) -> dict[str, tuple[bool, str]]:
         """Active domains: name → (subdomains, mode). For routing and the policy service."""
@@ -264,8 +275,7 @@ class Store:
 
     def token_mailbox(self, token_hash: str) -> int | None:
         """The id of the mailbox a token opens, or None."""
-        row = Token.select(Token.mailbox).where(Token.token_hash == token_hash).tuples().first()
-        return row[0] if row else None
+        return self._sql.token_mailbox(token_hash)
 
     def set_expiry(self, mailbox_id: int, expires_at: float) -> None:
         Mailbox.update(expires_at=expires_at).where(Mailbox.id == mailbox_id).execute()
@@ -380,6 +390,8 @@ class Store:
         ``authenticated`` keeps only messages whose sender was (or was not)
         authenticated: DMARC pass, or DKIM pass for the From domain.
         """
+        if filters is None and authenticated is None:
+            return self._sql.list_page(mailbox_id, limit, before_id)
         q = Message.select(*self.LIST_FIELDS).where(Message.mailbox == mailbox_id)
         if before_id is not None:
             q = q.where(Message.id < before_id)
@@ -395,10 +407,7 @@ class Store:
                     .order_by(Message.id).limit(limit).tuples())
 
     def get_message(self, mailbox_id: int, message_id: int) -> dict | None:
-        row = (Message.select(*self.LIST_FIELDS, Message.envelope_to, MessageBody.document)
-               .join(MessageBody)
-               .where((Message.id == message_id) & (Message.mailbox == mailbox_id))
-               .dicts().first())
+        row = self._sql.message(mailbox_id, message_id)
         if row is None:
             return None
         row["document"] = json.loads(decompress(row["document"]))
@@ -455,3 +464,131 @@ class Store:
             total = base.count()
             rows = list(base.order_by(Message.id.desc()).limit(limit).offset(offset).dicts())
         return rows, total
+
+    # -- webhooks: the outbox (ingest), the API (api/webhooks.py), the sender (webhooks.py)
+
+    def _queue_webhook_events(self, stored: list[tuple[int, int]]) -> None:
+        """Outbox rows for new messages: one per webhook of the message's mailbox,
+        plus one for the operator-wide URL. Called inside the ingest transaction."""
+        if not stored:
+            return
+        hooks: dict[int, list[tuple[int | None, str]]] = {}
+        mailbox_ids = list({mb for _msg, mb in stored})
+        for i in range(0, len(mailbox_ids), _IN_CHUNK):
+            for wid, mb, url in (Webhook.select(Webhook.id, Webhook.mailbox, Webhook.url)
+                                 .where(Webhook.mailbox.in_(mailbox_ids[i:i + _IN_CHUNK])).tuples()):
+                hooks.setdefault(mb, []).append((wid, url))
+        extra = [(None, self.operator_webhook_url)] if self.operator_webhook_url else []
+        now = time.time()
+        rows = [{"webhook": wid, "mailbox": mb, "message_id": msg, "url": url, "status": "pending",
+                 "attempts": 0, "next_attempt_at": now, "created_at": now}
+                for msg, mb in stored for wid, url in hooks.get(mb, []) + extra]
+        for i in range(0, len(rows), 100):  # 8 variables a row: well below SQLite's cap
+            Delivery.insert_many(rows[i:i + 100]).execute()
+
+    def create_webhook(self, mailbox_id: int, url: str, secret: str, limit: int) -> Webhook | None:
+        """A new webhook, or None when the mailbox has ``limit`` already."""
+        with self.db.atomic():
+            if Webhook.select().where(Webhook.mailbox == mailbox_id).count() >= limit:
+                return None
+            wid = Webhook.insert(mailbox=mailbox_id, url=url, secret=secret, created_at=time.time()).execute()
+        return Webhook.get_by_id(wid)
+
+    def list_webhooks(self, mailbox_id: int) -> list[Webhook]:
+        return list(Webhook.select().where(Webhook.mailbox == mailbox_id).order_by(Webhook.id))
+
+    def get_webhook(self, mailbox_id: int, webhook_id: int) -> Webhook | None:
+        return Webhook.get_or_none((Webhook.id == webhook_id) & (Webhook.mailbox == mailbox_id))
+
+    def delete_webhook(self, mailbox_id: int, webhook_id: int) -> bool:
+        """The webhook and its deliveries (pending ones are dropped)."""
+        with self.db.atomic():
+            return Webhook.delete().where((Webhook.id == webhook_id) & (Webhook.mailbox == mailbox_id)).execute() > 0
+
+    DELIVERY_FIELDS = (Delivery.id, Delivery.webhook, Delivery.message_id, Delivery.url, Delivery.status,
+                       Delivery.attempts, Delivery.next_attempt_at, Delivery.last_error, Delivery.last_status_code,
+                       Delivery.created_at, Delivery.delivered_at)
+
+    def list_deliveries(self, limit: int, before_id: int | None = None, webhook_id: int | None = None,
+                        status: str | None = None) -> list[dict]:
+        """Newest first (keyset pagination), with the mailbox's address."""
+        q = Delivery.select(*self.DELIVERY_FIELDS, Mailbox.address).join(Mailbox)
+        if webhook_id is not None:
+            q = q.where(Delivery.webhook == webhook_id)
+        if status is not None:
+            q = q.where(Delivery.status == status)
+        if before_id is not None:
+            q = q.where(Delivery.id < before_id)
+        return list(q.order_by(Delivery.id.desc()).limit(limit).dicts())
+
+    def next_delivery_due(self) -> float | None:
+        """When the earliest pending delivery is due (None: nothing pending)."""
+        return (Delivery.select(Delivery.next_attempt_at).where(Delivery.status == "pending")
+                .order_by(Delivery.next_attempt_at).limit(1).scalar())
+
+    def claim_deliveries(self, now: float, limit: int, lease_until: float, claim: str) -> list[dict]:
+        """Take up to ``limit`` due deliveries for one attempt each.
+
+        Stamps them with ``claim`` and moves them out of reach until
+        ``lease_until`` (a sender that dies mid-attempt leaves them due again
+        then), in one statement, so two senders never take the same row.
+        Returns each with what its POST needs: the mailbox address, the
+        webhook's secret (None: the operator's), and the message's list
+        fields (``id`` None when the message is gone).
+        """
+        with self.db.atomic():
+            due = (Delivery.select(Delivery.id)
+                   .where((Delivery.status == "pending") & (Delivery.next_attempt_at <= now))
+                   .order_by(Delivery.next_attempt_at).limit(limit))
+            taken = (Delivery.update(claim=claim, next_attempt_at=lease_until)
+                     .where(Delivery.id.in_(due) & (Delivery.status == "pending") & (Delivery.next_attempt_at <= now))
+                     .execute())
+            if not taken:
+                return []
+            return list(Delivery.select(Delivery.id.alias("delivery_id"), Delivery.webhook.alias("webhook_id"),
+                                        Delivery.message_id.alias("event_message_id"), Delivery.url,
+                                        Delivery.attempts, Delivery.created_at.alias("event_at"),
+                                        Mailbox.address, Webhook.secret, *self.LIST_FIELDS)
+                        .join(Mailbox, on=(Delivery.mailbox == Mailbox.id))
+                        .switch(Delivery).join(Webhook, pw.JOIN.LEFT_OUTER, on=(Delivery.webhook == Webhook.id))
+                        .switch(Delivery).join(Message, pw.JOIN.LEFT_OUTER, on=(Delivery.message_id == Message.id))
+                        .where(Delivery.claim == claim).order_by(Delivery.id).dicts())
+
+    def finish_delivery(self, delivery_id: int, claim: str, now: float, *, delivered: bool,
+                        status_code: int | None, error: str | None, next_attempt_at: float | None,
+                        attempted: bool = True) -> bool:
+        """Record an attempt: delivered, due again at ``next_attempt_at``, or
+        (``next_attempt_at`` None) failed for good.
+
+        A 2xx is recorded whoever holds the claim now (the POST happened); a
+        failure only by the claim's holder, so an attempt whose lease ran out
+        does not reschedule a row another sender has taken since.
+        """
+        fields = {"last_status_code": status_code, "last_error": error, "claim": None}
+        if attempted:
+            fields["attempts"] = Delivery.attempts + 1
+        where = (Delivery.id == delivery_id) & (Delivery.status == "pending")
+        if delivered:
+            fields.update(status="delivered", delivered_at=now, next_attempt_at=None)
+        else:
+            where &= Delivery.claim == claim
+            if next_attempt_at is None:
+                fields.update(status="failed", next_attempt_at=None)
+            else:
+                fields["next_attempt_at"] = next_attempt_at
+        return Delivery.update(**fields).where(where).execute() > 0
+
+    def finish_deliveries(self, attempts: list[dict]) -> int:
+        """Several ``finish_delivery`` calls (keyword dicts) in one transaction; how many took."""
+        with self.db.atomic():
+            return sum(self.finish_delivery(**a) for a in attempts)
+
+    def prune_deliveries(self, before: float, batch: int = 500) -> int:
+        """Delete one batch of delivered or failed deliveries created before ``before``."""
+        with self.db.atomic():
+            ids = [i for (i,) in Delivery.select(Delivery.id)
+                   .where(Delivery.status.in_(["delivered", "failed"]) & (Delivery.created_at < before))
+                   .order_by(Delivery.id).limit(batch).tuples()]
+            if ids:
+                Delivery.delete().where(Delivery.id.in_(ids)).execute()
+            return len(ids)

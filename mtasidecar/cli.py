@@ -5,10 +5,12 @@
   deliver    Postfix pipe(8) entry: spool stdin into the Maildir
   policy     Postfix policy service: refuse unknown mailboxes, rates, sizes at RCPT
   sweep      delete expired mailboxes and old messages
+  webhooks   POST new messages to their webhooks (the outbox sender)
   init-db    create the schema and record the configured domains
   postfix    print or apply the Postfix configuration for these settings
   dev        a private Postfix + ingester + API on loopback, in one go
   config     print the validated settings
+  doctor     check DNS, Postfix, the services and the spool for a domain
 
 This is the one module that wires processes together. Heavy imports happen
 inside the subcommands: `deliver` runs once per message and must start fast.
@@ -38,6 +40,7 @@ def _prepare_store(settings):
     store = Store(settings.database_url)
     store.setup()
     store.sync_domains([(d.name, d.subdomains, d.mode) for d in settings.domains])
+    store.operator_webhook_url = settings.webhooks.url  # the ingester queues events for it
     return store
 
 
@@ -64,7 +67,8 @@ def cmd_ingest(args) -> int:
     settings = _settings(args)
     _logging(args.verbose)
     store = _prepare_store(settings)
-    workers = settings.ingest.workers if settings.ingest.workers >= 0 else (os.cpu_count() or 1)
+    # Default: one core for this process (commits), the rest parse.
+    workers = settings.ingest.workers if settings.ingest.workers >= 0 else max(1, (os.cpu_count() or 2) - 1)
     ingester = Ingester(store, settings.maildir_path, keep=settings.maildir.keep,
                         max_size=settings.maildir.max_message_size,
                         rescan_interval=settings.maildir.rescan_interval, workers=workers,
@@ -94,11 +98,23 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_webhooks(args) -> int:
+    from . import webhooks
+    settings = _settings(args)
+    _logging(args.verbose)
+    return webhooks.run(_prepare_store(settings), settings)
+
+
 def cmd_policy(args) -> int:
     from . import policy
     settings = _settings(args)
     _logging(args.verbose)
     return policy.run(settings, _prepare_store(settings))
+
+
+def cmd_doctor(args) -> int:
+    from . import doctor
+    return doctor.command(_settings(args), args)
 
 
 def gunicorn_argv(settings) -> list[str]:
@@ -165,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--once", action="store_true", help="one pass, then exit (for a systemd timer)")
     sw.add_argument("--interval", type=float, default=60.0, help="seconds between passes (default 60)")
     sw.set_defaults(func=cmd_sweep)
+    sub.add_parser("webhooks", help="POST new messages to their webhooks, with retries").set_defaults(
+        func=cmd_webhooks)
+
+    from . import doctor  # the standard library only: cheap
+    doc = sub.add_parser("doctor", help="check that this box receives mail for a domain (exit 1 on a failure)")
+    doctor.add_arguments(doc)
+    doc.set_defaults(func=cmd_doctor)
 
     d = sub.add_parser("deliver", help="Postfix pipe(8) entry point", add_help=False)
     d.add_argument("rest", nargs=argparse.REMAINDER)

@@ -177,8 +177,8 @@ class PolicySettings:
 
 @dataclass(frozen=True)
 class IngestSettings:
-    # Worker processes that parse under a backlog; -1 means one per core,
-    # 0 parses in the ingester process only.
+    # Worker processes that parse under a backlog; -1 means one per core
+    # but one (the ingester itself commits), 0 parses in the ingester only.
     workers: int = -1
 
     def validate(self, key: str) -> None:
@@ -252,6 +252,51 @@ class MailTmSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    # The operator-wide webhook: every new message of every mailbox is POSTed
+    # here (signed with ``secret``), besides the mailboxes' own webhooks.
+    # Empty: none. Trusted: exempt from the private-address check below.
+    url: str = ""
+    secret: str = ""
+    # Seconds for one delivery attempt (DNS, connect, send, status line).
+    timeout: float = 10.0
+    # Deliveries in flight at once, per sender process. No per-second cap.
+    concurrency: int = 16
+    # Mailbox webhooks may target loopback, private, link-local and other
+    # non-public addresses. Off (default): refused at creation and, after a
+    # fresh lookup (DNS rebinding), at every attempt.
+    allow_private: bool = False
+    # Retry window in seconds, from the event: failed after it (default 26 h).
+    max_age: float = 26 * 3600.0
+    # Retry delays: backoff_base * 3**n (5 s, 15 s, 45 s, ...) with +-20 %
+    # jitter, at most backoff_max per step.
+    backoff_base: float = 5.0
+    backoff_max: float = 3600.0
+    # Seconds that delivered and failed deliveries stay listed (the sender
+    # prunes older ones); pending ones are never pruned.
+    history: float = 7 * 86400.0
+
+    def validate(self, key: str) -> None:
+        if self.url:
+            from .webhooks import url_problem  # the same rule as for mailbox webhooks
+            problem = url_problem(self.url)
+            if problem:
+                raise ConfigError(f"{key}.url: {problem}")
+            if len(self.secret) < 16:
+                raise ConfigError(f"{key}.secret: needed with url, at least 16 characters")
+        if not 0 < self.timeout <= 300:
+            raise ConfigError(f"{key}.timeout: must be between 0 and 300 seconds")
+        if not 1 <= self.concurrency <= 4096:
+            raise ConfigError(f"{key}.concurrency: must be between 1 and 4096")
+        if self.max_age <= 0:
+            raise ConfigError(f"{key}.max_age: must be > 0 seconds")
+        if not 0 < self.backoff_base <= self.backoff_max:
+            raise ConfigError(f"{key}.backoff_base: must be > 0 and at most backoff_max")
+        if self.history <= 0:
+            raise ConfigError(f"{key}.history: must be > 0 seconds")
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: str = "/var/lib/mtasidecar"
     # Our name in Authentication-Results and Postfix's myhostname.
@@ -267,6 +312,7 @@ class Settings:
     mailboxes: MailboxSettings = MailboxSettings()
     policy: PolicySettings = PolicySettings()
     mailtm: MailTmSettings = MailTmSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
     # Derived paths: one place decides the defaults that hang off data_dir.
     @property

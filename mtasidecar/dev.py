@@ -1,10 +1,10 @@
 """`mtasidecar dev`: the whole service on loopback, with a private Postfix.
 
 Starts, under ``data_dir``: a Postfix instance of our own (SMTP on
-127.0.0.1:PORT, nothing touched in /etc/postfix), the ingester and the API
-as child processes, exactly as production runs them. Prints where things
-are, then waits; Ctrl-C or SIGTERM stops everything (Postfix included), as
-does any child dying on its own.
+127.0.0.1:PORT, nothing touched in /etc/postfix), the ingester, the API, the
+sweeper and the webhook sender as child processes, exactly as production runs
+them. Prints where things are, then waits; Ctrl-C or SIGTERM stops
+everything (Postfix included), as does any child dying on its own.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def run(settings: Settings, prepare_store) -> int:
         procs.append(subprocess.Popen([sys.executable, "-m", "mtasidecar", "ingest"], env=env))
         procs.append(subprocess.Popen(gunicorn_argv(settings), env=env))
         procs.append(subprocess.Popen([sys.executable, "-m", "mtasidecar", "sweep"], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "mtasidecar", "webhooks"], env=env))
         api = f"http://{settings.api.host}:{settings.api.port}"
         if not _wait_http(f"{api}/healthz", 30, lambda: all(p.poll() is None for p in procs)):
             log.error("the API did not come up; stopping")

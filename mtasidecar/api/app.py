@@ -16,7 +16,7 @@ import falcon.asgi
 
 from ..config import Settings
 from ..store import Store
-from . import errors, mailtm
+from . import errors, mailtm, webhooks
 from .access import Access
 from .mailboxes import AdminMailboxes, AdminStats, MailboxItem, Mailboxes
 from .messages import (Domains, Health, MessageAttachment, MessageEvents, MessageExtract, MessageItem, MessageList,
@@ -58,6 +58,7 @@ def create_app(settings: Settings, store: Store | None = None) -> falcon.asgi.Ap
     app.add_route(f"{mb}/messages/{{message_id}}/attachments/{{index}}", MessageAttachment(store, access))
     app.add_route(f"{API}/admin/mailboxes", AdminMailboxes(store, access, settings.api.max_page_size))
     app.add_route(f"{API}/admin/stats", AdminStats(store, access))
+    webhooks.register(app, store, settings, access)
     # mail.tm's API at the root: a mail.tm client only changes its base URL.
     mailtm.register(app, store, settings, access, watcher)
     return app

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import peewee as pw
 
-from .models import Domain, Mailbox, Message, MessageBody, Token
+from .models import Attachment, Domain, Mailbox, Message, MessageBody, Token
 
 
 def _q(field: pw.Field) -> str:
@@ -43,6 +43,35 @@ class HotQueries:
                          f"FROM {_table(Mailbox)} x LEFT OUTER JOIN {_table(Domain)} d "
                          f"ON d.{_q(Domain.id)} = x.{_q(Mailbox.domain)} WHERE x.{_q(Mailbox.address)} = {p}")
         self._token = (f"SELECT {_q(Token.mailbox)} FROM {_table(Token)} WHERE {_q(Token.token_hash)} = {p}")
+        # Ingest: one INSERT text per table, values by position.
+        self.message_fields = [f for f in Message._meta.sorted_fields if f is not Message.id]
+        self._insert_message = self._insert_sql(Message, self.message_fields)
+        if db.returning_clause:  # PostgreSQL: ids come back through RETURNING
+            self._insert_message += f" RETURNING {_q(Message.id)}"
+        self._insert_body = self._insert_sql(MessageBody, [MessageBody.message, MessageBody.raw,
+                                                           MessageBody.document])
+        self.attachment_fields = list(Attachment._meta.sorted_fields)
+        self._insert_attachment = self._insert_sql(Attachment, self.attachment_fields)
+
+    def _insert_sql(self, model, fields) -> str:
+        cols = ", ".join(_q(f) for f in fields)
+        return f"INSERT INTO {_table(model)} ({cols}) VALUES ({', '.join([self.db.param] * len(fields))})"
+
+    def insert_message(self, values: dict) -> int:
+        """Insert one message row (values by field name); its new id."""
+        params = [values.get(f.name, f.default) for f in self.message_fields]
+        cursor = self.db.execute_sql(self._insert_message, params)
+        return cursor.fetchone()[0] if self.db.returning_clause else cursor.lastrowid
+
+    def insert_bodies(self, rows: list[tuple]) -> None:
+        """(message id, raw, document) rows."""
+        if rows:
+            self.db.cursor().executemany(self._insert_body, rows)
+
+    def insert_attachments(self, rows: list[dict]) -> None:
+        if rows:
+            self.db.cursor().executemany(self._insert_attachment,
+                                         [[r.get(f.name) for f in self.attachment_fields] for r in rows])
 
     def _rows(self, sql: str, params) -> list[tuple]:
         return self.db.execute_sql(sql, params).fetchall()

@@ -168,20 +168,20 @@ class Store:
             mailbox_ids = self._mailboxes_for({m.recipient for m in fresh})
             counts: dict[int, list[int]] = {}
             stored: list[tuple[int, int]] = []  # (message id, mailbox id): webhook events
+            bodies, attachments = [], []
             for m in fresh:
                 mb = mailbox_ids[m.recipient]
-                msg_id = Message.insert(
+                msg_id = self._sql.insert_message(dict(
                     mailbox=mb, spool_name=m.spool_name, received_at=m.received_at,
                     envelope_from=m.envelope_from, envelope_to=m.recipient,
                     from_name=m.from_name, from_address=m.from_address,
                     to_json=json.dumps(m.to, ensure_ascii=False), subject=m.subject, intro=m.intro,
                     message_id=m.message_id, size=m.size, has_attachments=bool(m.attachments),
-                    parse_error=m.parse_error, spf=m.spf, dmarc=m.dmarc, authenticated=m.authenticated,
-                    has_code=m.has_code, has_link=m.has_link,
-                ).execute()
-                MessageBody.insert(message=msg_id, raw=m.raw_z, document=m.document_z).execute()
-                if m.attachments:
-                    Attachment.insert_many([dict(a, message=msg_id) for a in m.attachments]).execute()
+                    seen=False, parse_error=m.parse_error, spf=m.spf, dmarc=m.dmarc,
+                    authenticated=m.authenticated, has_code=m.has_code, has_link=m.has_link,
+                ))
+                bodies.append((msg_id, m.raw_z, m.document_z))
+                attachments.extend(dict(a, message=msg_id) for a in m.attachments)
                 done[m.spool_name] = msg_id
                 stored.append((msg_id, mb))
                 if new is not None:
@@ -189,6 +189,8 @@ class Store:
                 c = counts.setdefault(mb, [0, 0])
                 c[0] += 1
                 c[1] += m.size
+            self._sql.insert_bodies(bodies)
+            self._sql.insert_attachments(attachments)
             for mb, (n, size) in counts.items():
                 Mailbox.update(message_count=Mailbox.message_count + n,
                                bytes_used=Mailbox.bytes_used + size).where(Mailbox.id == mb).execute()

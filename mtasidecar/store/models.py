@@ -107,10 +107,10 @@ class Message(BaseModel):
 
 class MessageBody(BaseModel):
     message = pw.ForeignKeyField(Message, primary_key=True, on_delete="CASCADE")
-    # The spool file's bytes exactly, zlib-compressed; null only when the file
+    # The spool file's bytes exactly, compressed (zstd); null only when the file
     # was set aside (too large), in which case Message.parse_error says so.
     raw = pw.BlobField(null=True)
-    # The parsed view (headers, text, html, attachments, ...) as zlib'd JSON.
+    # The parsed view (headers, text, html, attachments, ...) as compressed JSON.
     document = pw.BlobField()
 
 

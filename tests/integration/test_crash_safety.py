@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 import uuid
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import pytest
 
 from mtasidecar.config import load, to_environ
 from mtasidecar.mta.instance import PostfixInstance
+from mtasidecar.store import decompress
 from tests.conftest import ROOT, free_port, wait_for
 from tests.integration._service import crlf, lf, passable_dir, split_delivered
 
@@ -232,7 +232,7 @@ def check_stored_exactly_once(rig: Rig, messages: list[tuple[str, str, bytes]]) 
         recipient, wire = by_marker[subject]
         assert envelope_to == recipient
         assert parse_error is None, (subject, parse_error)
-        raw = zlib.decompress(raw_z)
+        raw = decompress(raw_z)
         # Well formed and complete: Postfix's trace, then exactly what was sent.
         trace, rest = split_delivered(raw)
         assert trace["delivered_to"].decode() == recipient

@@ -560,7 +560,7 @@ def test_a_check_that_breaks_is_reported_not_raised(tmp_path):
     assert results[0].status == D.FAIL and "RuntimeError: surprise" in results[0].detail
 
 
-# --- the command, end to end -------------------------------------------------------------------------------------------
+# --- the command, end to end ---------------------------------------------------------------------------------------
 
 
 @needs_postconf

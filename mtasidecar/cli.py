@@ -37,10 +37,9 @@ def _logging(verbose: bool) -> None:
 
 def _prepare_store(settings):
     from .store import Store
-    store = Store(settings.database_url)
+    store = Store(settings.database_url, operator_webhook_url=settings.webhooks.url)
     store.setup()
     store.sync_domains([(d.name, d.subdomains, d.mode) for d in settings.domains])
-    store.operator_webhook_url = settings.webhooks.url  # the ingester queues events for it
     return store
 
 

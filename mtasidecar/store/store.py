@@ -125,10 +125,11 @@ class MessageFilter:
 class Store:
     # The operator-wide webhook (settings.webhooks.url), set by the ingester:
     # every new message gets an outbox row for it. Empty: none.
-    operator_webhook_url: str = ""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, operator_webhook_url: str = ""):
         self.url = url
+        # Every new message also queues an event for this URL (webhooks.url).
+        self.operator_webhook_url = operator_webhook_url
         self.db = open_database(url)
         self._sql = HotQueries(self.db, self.LIST_FIELDS)
 

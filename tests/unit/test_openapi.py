@@ -10,7 +10,9 @@
   mail.tm's contract, not this document; test_mailtm.py checks them.
 * Every documented 2xx answer validates real answers (jsonschema), for
   mail put into a real SQLite store by the real ingest pipeline, on public
-  and private domains (with tokens) and through the operator routes; each
+  and private domains (with tokens) and through the operator routes, and
+  for webhook deliveries in every state, made by the real sender against
+  receivers on loopback (webhooks.allow_private on); each
   documented error status and code is one the app really gives, and the
   app's error answers (with the headers documented for them:
   WWW-Authenticate, Retry-After) are documented and validate against Error.
@@ -23,6 +25,7 @@ import asyncio
 import copy
 import json
 import re
+import time
 from datetime import datetime
 from importlib import resources
 
@@ -34,12 +37,15 @@ import pytest
 from mtasidecar import tokens
 from mtasidecar.api import messages as message_resources
 from mtasidecar.api.app import create_app
+from mtasidecar.webhooks import Sender
 from tests.unit.test_api import (ADDRESS, BAD_REQUESTS, NO_SUCH_ID, UNROUTED, assert_error, eml,
                                  make_env, message_path, messages_path, send)
 from tests.unit.test_api import authenticator  # noqa: F401 (a fixture)
 from tests.unit.test_api import no_server_errors  # noqa: F401 (autouse: no request may get a 500)
 from tests.unit.test_mailboxes import (MAILBOX_BAD_REQUESTS, OPERATOR, box_env, create, deliver, owner_setup,
                                        send_bad, zip_of)
+from tests.unit.test_webhooks import Receiver
+from tests.unit.test_webhooks import fake_dns  # noqa: F401 (a fixture: host names for the URL checks, no DNS)
 
 DOC = json.loads(resources.files("mtasidecar.api").joinpath("openapi.json").read_text())
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -225,6 +231,16 @@ def documented_codes(path: str, method: str, status: int) -> set[str]:
     return {e["value"]["error"] for e in examples.values()}
 
 
+HOOKS = "/api/v1/mailboxes/{address}/webhooks"
+HOOK = HOOKS + "/{webhook_id}"
+HOOK_DELIVERIES = HOOK + "/deliveries"
+ADMIN_DELIVERIES = "/api/v1/admin/deliveries"
+
+
+def hooks_path(address: str) -> str:
+    return f"/api/v1/mailboxes/{address}/webhooks"
+
+
 def test_documented_error_codes():
     """The statuses and codes the task (and the code) define are all in the document."""
     item = "/api/v1/mailboxes/{address}/messages/{message_id}"
@@ -272,6 +288,26 @@ def test_documented_error_codes():
         ("/api/v1/admin/mailboxes", "get", 401): {"unauthorized", "bad_token", "malformed_token"},
         ("/api/v1/admin/stats", "get", 401): {"unauthorized", "bad_token", "malformed_token"},
         ("/api/v1/admin/stats", "get", 429): {"rate_limited"},
+        # webhooks
+        (HOOKS, "get", 400): {"malformed_address"},
+        (HOOKS, "get", 404): {"mailbox_not_found"},
+        (HOOKS, "post", 400): {"malformed_address", "malformed_json"},
+        (HOOKS, "post", 401): {"unauthorized", "malformed_token"},
+        (HOOKS, "post", 404): {"mailbox_not_found"},
+        (HOOKS, "post", 413): {"body_too_large"},
+        (HOOKS, "post", 415): {"unsupported_media_type"},
+        (HOOKS, "post", 422): {"invalid_body", "unknown_field", "invalid_url", "url_not_allowed", "invalid_secret",
+                               "too_many_webhooks"},
+        (HOOKS, "post", 429): {"rate_limited"},
+        (HOOK, "get", 400): {"malformed_address", "malformed_id"},
+        (HOOK, "get", 404): {"mailbox_not_found", "webhook_not_found"},
+        (HOOK, "delete", 400): {"malformed_address", "malformed_id"},
+        (HOOK, "delete", 404): {"mailbox_not_found", "webhook_not_found"},
+        (HOOK_DELIVERIES, "get", 400): {"malformed_address", "malformed_id", "bad_limit", "bad_cursor", "bad_status"},
+        (HOOK_DELIVERIES, "get", 404): {"mailbox_not_found", "webhook_not_found"},
+        (ADMIN_DELIVERIES, "get", 400): {"bad_limit", "bad_cursor", "bad_status"},
+        (ADMIN_DELIVERIES, "get", 401): {"unauthorized", "bad_token", "malformed_token"},
+        (ADMIN_DELIVERIES, "get", 429): {"rate_limited"},
     }
     for (path, method, status), codes in expected.items():
         assert documented_codes(path, method, status) == codes, (path, method, status)
@@ -322,7 +358,7 @@ def test_probing_every_path_with_every_method(tmp_path):
     env = make_env(tmp_path)
     env.deliver(eml(attachments=(("a.txt", "text/plain", b"a"),)))
     # An address nobody has: nothing gets deleted, and the event stream answers 404 instead of streaming.
-    values = {"address": "nobody@example.test", "message_id": NO_SUCH_ID, "index": "0"}
+    values = {"address": "nobody@example.test", "message_id": NO_SUCH_ID, "index": "0", "webhook_id": NO_SUCH_ID}
     for path, item in DOC["paths"].items():
         url = path.format(**{k: v for k, v in values.items() if "{" + k + "}" in path})
         documented = {m.upper() for m in METHODS if m in item}
@@ -348,10 +384,31 @@ DOC_DOMAINS = [{"name": "example.test", "mode": "public"}, {"name": "sub.test", 
                {"name": "private.test"}, {"name": "rnd.test", "subdomains": True, "random_subdomain": True}]
 
 
+OPERATOR_HOOK_SECRET = "operator-webhook-secret-0123456789"
+
+
 @pytest.fixture
 def filled(tmp_path, authenticator):  # noqa: F811
-    """Mail of every shape, delivered through the real pipeline, on public and private domains."""
-    env = make_env(tmp_path, MTASIDECAR_DOMAINS=json.dumps(DOC_DOMAINS), MTASIDECAR_API_OPERATOR_TOKEN=OPERATOR)
+    """Mail of every shape, delivered through the real pipeline, on public and private domains.
+
+    Webhooks may reach loopback here: two receivers, one that takes every event ("ok", also the
+    operator-wide webhook's) and one that never does ("down"). The private mailbox has a webhook
+    to "ok" (``env.hook``) from before its message came.
+    """
+    receivers = {"ok": Receiver(), "down": Receiver(default=503)}
+    try:
+        yield _filled(tmp_path, authenticator, receivers)
+    finally:
+        for receiver in receivers.values():
+            receiver.close()
+
+
+def _filled(tmp_path, authenticator, receivers):  # noqa: F811
+    env = make_env(tmp_path, MTASIDECAR_DOMAINS=json.dumps(DOC_DOMAINS), MTASIDECAR_API_OPERATOR_TOKEN=OPERATOR,
+                   MTASIDECAR_WEBHOOKS_ALLOW_PRIVATE="true", MTASIDECAR_WEBHOOKS_URL=receivers["ok"].url("/operator"),
+                   MTASIDECAR_WEBHOOKS_SECRET=OPERATOR_HOOK_SECRET)
+    env.store.operator_webhook_url = env.settings.webhooks.url  # as the commands' store does (cli.py)
+    env.receivers = receivers
     ids = {}
     ids["plain"], ids["rich"], ids["html_only"], ids["weird"] = env.deliver(
         eml(subject="plain"),
@@ -378,6 +435,10 @@ def filled(tmp_path, authenticator):  # noqa: F811
              '<a href="https://origin.test/unsubscribe">Unsubscribe</a> <a href="https://origin.test/">Home</a>'))
     # A private mailbox, made through the API, with attachments the blocklist refuses (and one it does not).
     env.box = create(env, domain="private.test", local_part="secret")
+    r = env.request("POST", hooks_path(PRIVATE_BOX), json={"url": receivers["ok"].url()},
+                    headers={"Authorization": f"Bearer {env.box['token']}"})
+    assert r.status_code == 201, r.text
+    env.hook = r.json
     ids["private"], = deliver(env, eml(PRIVATE_BOX, subject="private", attachments=(
         ("ok.pdf", "application/pdf", b"%PDF"), ("run.exe", "application/octet-stream", b"MZ"),
         ("pack.zip", "application/zip", zip_of("a/b.exe")))))
@@ -532,6 +593,67 @@ def test_2xx_answers_validate(filled, quick_heartbeat):
     assert listed == env.get("/api/v1/admin/stats", headers=operator).json["mailboxes"] >= 7
     check("/api/v1/admin/stats", "get", 200, "/api/v1/admin/stats", headers=operator)
 
+    # Webhooks: made on private, public and unrouted mailboxes (a secret chosen or generated), listed, read.
+    private = auth_for(env, PRIVATE_BOX)
+    ok, down = env.receivers["ok"], env.receivers["down"]
+    made = {"down": check(HOOKS, "post", 201, hooks_path(PRIVATE_BOX), json={"url": down.url(), "secret": "s" * 16},
+                          headers=private).json,
+            "public": check(HOOKS, "post", 201, hooks_path(ADDRESS), json={"url": ok.url("/public")}).json,
+            "unrouted": check(HOOKS, "post", 201, hooks_path(UNROUTED),
+                              json={"url": "https://user:pass@hooks.example.test:8443/in?x=1"}, headers=operator).json}
+    assert made["down"]["secret"] == "s" * 16 and made["public"]["secret"].startswith("whsec_")
+    for address in (PRIVATE_BOX, ADDRESS, UNROUTED):
+        listed = check(HOOKS, "get", 200, hooks_path(address), headers=auth_for(env, address)).json["items"]
+        assert listed
+        for hook in listed:
+            check(HOOK, "get", 200, hook["deliveries_url"].removesuffix("/deliveries"), headers=auth_for(env, address))
+
+    # Deliveries in every state, through the real sender: delivered ("ok"), pending after a 503 ("down"), failed
+    # (the message deleted before it could be sent); the operator-wide webhook's have no webhook_id.
+    _kept, gone = deliver(env, eml(PRIVATE_BOX, subject="hooked"), eml(PRIVATE_BOX, subject="deleted at once"))
+    deliver(env, eml(ADDRESS, subject="hooked too"))
+    assert env.request("DELETE", message_path(gone, PRIVATE_BOX), headers=private).status_code == 204
+    now = time.time()  # the sender's clock stands still: a retry (5 s on) never comes due during the test
+    sender = Sender(env.store, env.settings, clock=lambda: now, rand=lambda: 0.5)
+    try:
+        while asyncio.run(sender.run_once()):
+            pass
+    finally:
+        sender.close()
+    assert {r["path"] for r in ok.accepted()} == {"/hook", "/public", "/operator"}
+    assert [r["path"] for r in down.requests] == ["/hook"]
+
+    def pages(path, url, headers, **params):
+        items, cursor = [], None
+        while True:
+            query = {"limit": "2", **params, **({"cursor": cursor} if cursor else {})}
+            r = check(path, "get", 200, url, params=query, headers=headers)
+            items += r.json["items"]
+            cursor = r.json["next_cursor"]
+            if not cursor:
+                return items
+
+    seen = {}
+    for address, hook in ((PRIVATE_BOX, env.hook), (PRIVATE_BOX, made["down"]), (ADDRESS, made["public"]),
+                          (UNROUTED, made["unrouted"])):
+        items = pages(HOOK_DELIVERIES, hook["deliveries_url"], auth_for(env, address))
+        seen[hook["id"]] = sorted((i["status"], i["last_status_code"]) for i in items)
+        for status in ("pending", "delivered", "failed"):
+            only = pages(HOOK_DELIVERIES, hook["deliveries_url"], auth_for(env, address), status=status)
+            assert only == [i for i in items if i["status"] == status]
+    assert seen == {env.hook["id"]: [("delivered", 200), ("delivered", 200), ("failed", None)],
+                    made["down"]["id"]: [("failed", None), ("pending", 503)],
+                    made["public"]["id"]: [("delivered", 200)],
+                    made["unrouted"]["id"]: []}
+    everything = pages(ADMIN_DELIVERIES, ADMIN_DELIVERIES, operator)
+    assert {i["status"] for i in everything} == {"pending", "delivered", "failed"}
+    assert None in {i["webhook_id"] for i in everything}
+    for status in ("pending", "delivered", "failed"):
+        only = pages(ADMIN_DELIVERIES, ADMIN_DELIVERIES, operator, status=status)
+        assert only == [i for i in everything if i["status"] == status]
+
+    check(HOOK, "delete", 204, made["down"]["deliveries_url"].removesuffix("/deliveries"), headers=private)
+
     documented = {(path, method, int(code)) for path, method, op in operations()
                   for code in op["responses"] if code.startswith("2")}
     assert exercised == documented, {"never checked": documented - exercised}
@@ -568,6 +690,33 @@ def test_schemas_reject_wrong_shapes(filled):
         mutate(broken)
         with pytest.raises(AssertionError):
             validate(broken, schema)
+    # Webhooks: the secret only at creation; deliveries and the operator's view of them pinned as well.
+    private = auth_for(env, PRIVATE_BOX)
+    created = env.request("POST", hooks_path(PRIVATE_BOX), json={"url": env.receivers["ok"].url("/x")},
+                          headers=private).json
+    shown = env.get(created["deliveries_url"].removesuffix("/deliveries"), headers=private).json
+    delivery = env.get(env.hook["deliveries_url"], headers=private).json["items"][0]
+    admin = env.get(ADMIN_DELIVERIES, headers={"Authorization": f"Bearer {OPERATOR}"}).json["items"][0]
+    assert admin["webhook_id"] is None  # the operator-wide webhook's (queued last for each message)
+    for value, schema, mutations in (
+            (created, response_schema(HOOKS, "post", 201),
+             (lambda d: d.pop("secret"), lambda d: d.update(secret="short"), lambda d: d.update(id="1"),
+              lambda d: d.pop("deliveries_url"), lambda d: d.update(created_at=None))),
+            (shown, response_schema(HOOK, "get", 200),
+             (lambda d: d.update(secret="s" * 16), lambda d: d.pop("url"), lambda d: d.update(events=[]))),
+            ({"items": [delivery], "next_cursor": None}, response_schema(HOOK_DELIVERIES, "get", 200),
+             (lambda d: d["items"][0].update(status="sent"), lambda d: d["items"][0].update(attempts=-1),
+              lambda d: d["items"][0].pop("next_attempt_at"), lambda d: d["items"][0].update(mailbox=PRIVATE_BOX),
+              lambda d: d.pop("next_cursor"), lambda d: d["items"][0].update(last_status_code="503"))),
+            ({"items": [admin], "next_cursor": None}, response_schema(ADMIN_DELIVERIES, "get", 200),
+             (lambda d: d["items"][0].update(webhook_id="3"), lambda d: d["items"][0].pop("webhook_id"),
+              lambda d: d["items"][0].pop("url"), lambda d: d["items"][0].update(delivered_at="today")))):
+        validate(value, schema)
+        for mutate in mutations:
+            broken = copy.deepcopy(value)
+            mutate(broken)
+            with pytest.raises(AssertionError):
+                validate(broken, schema)
     new = create(env)
     schema = response_schema("/api/v1/mailboxes", "post", 201)
     validate(new, schema)
@@ -631,6 +780,110 @@ def test_mailbox_error_answers_are_documented(tmp_path, name):
     assert_documented(r, bad.method, bad.path.replace("{box}", f"/api/v1/mailboxes/{owner['address']}"))
 
 
+def webhook_bad_requests() -> dict[str, tuple]:
+    """name → (method, url, request kwargs, credentials, status, code): every error the webhook routes give
+    (but 405, 429 and 500). In the url, {box} is the owner's mailbox, {hook} its webhook; credentials are
+    "owner", "other" (another mailbox's token), "operator", None, or an Authorization header."""
+    new_hook = {"json": {"url": "http://public.example/hook"}}
+    bad = {}
+    routes = [("GET", "{box}/webhooks"), ("POST", "{box}/webhooks"), ("GET", "{box}/webhooks/{hook}"),
+              ("DELETE", "{box}/webhooks/{hook}"), ("GET", "{box}/webhooks/{hook}/deliveries")]
+    for method, url in routes:
+        kw, name = new_hook if method == "POST" else {}, f"{method} {url}"
+        bad[f"{name}: malformed address"] = (method, url.replace("{box}", "/api/v1/mailboxes/not-an-address"), kw,
+                                             "operator", 400, "malformed_address")
+        bad[f"{name}: no such mailbox"] = (method, url.replace("{box}", "/api/v1/mailboxes/nobody@private.test"), kw,
+                                           "operator", 404, "mailbox_not_found")
+        bad[f"{name}: no token"] = (method, url, kw, None, 401, "unauthorized")
+        bad[f"{name}: not a bearer token"] = (method, url, kw, "Basic b3duZXI6cHc=", 401, "malformed_token")
+        bad[f"{name}: a malformed token"] = (method, url, kw, "Bearer mts_short", 401, "malformed_token")
+        bad[f"{name}: another mailbox's token"] = (method, url, kw, "other", 404, "mailbox_not_found")
+        if "{hook}" in url:
+            for wid, status, code in (("xyz", 400, "malformed_id"), (NO_SUCH_ID, 404, "webhook_not_found"),
+                                      ("f" * 24, 404, "webhook_not_found")):
+                bad[f"{name}: webhook id {wid}"] = (method, url.replace("{hook}", wid), kw, "owner", status, code)
+    deliveries = "{box}/webhooks/{hook}/deliveries"
+    admin = ADMIN_DELIVERIES
+    for query, code in (("limit=0", "bad_limit"), ("limit=abc", "bad_limit"), ("cursor=%25%25", "bad_cursor"),
+                        ("status=lost", "bad_status"), ("status=", "bad_status")):
+        bad[f"deliveries ?{query}"] = ("GET", f"{deliveries}?{query}", {}, "owner", 400, code)
+        bad[f"admin deliveries ?{query}"] = ("GET", f"{admin}?{query}", {}, "operator", 400, code)
+    bad["admin deliveries: no token"] = ("GET", admin, {}, None, 401, "unauthorized")
+    bad["admin deliveries: a mailbox's token"] = ("GET", admin, {}, "owner", 401, "bad_token")
+    bad["admin deliveries: not a bearer token"] = ("GET", admin, {}, "Basic b3duZXI6cHc=", 401, "malformed_token")
+    json_type = {"Content-Type": "application/json"}
+    for name, kw, status, code in (
+            ("not JSON", {"body": "{", "headers": json_type}, 400, "malformed_json"),
+            ("over 64 KiB", {"json": {"url": "http://public.example/" + "a" * 70000}}, 413, "body_too_large"),
+            ("a form", {"body": "url=http://x", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+             415, "unsupported_media_type"),
+            ("no body", {}, 415, "unsupported_media_type"),
+            ("a list", {"json": ["http://public.example/"]}, 422, "invalid_body"),
+            ("an unknown field", {"json": {"url": "http://public.example/", "events": ["all"]}}, 422, "unknown_field"),
+            ("no url", {"json": {}}, 422, "invalid_url"),
+            ("a number for url", {"json": {"url": 7}}, 422, "invalid_url"),
+            ("ftp", {"json": {"url": "ftp://public.example/"}}, 422, "invalid_url"),
+            ("no host", {"json": {"url": "http:///nohost"}}, 422, "invalid_url"),
+            ("a short secret", {"json": {"url": "http://public.example/", "secret": "short"}}, 422, "invalid_secret"),
+            ("a secret not a string", {"json": {"url": "http://public.example/", "secret": 10 ** 17}},
+             422, "invalid_secret"),
+            ("a private address", {"json": {"url": "http://internal.example/"}}, 422, "url_not_allowed"),
+            ("loopback", {"json": {"url": "http://127.0.0.1:8025/api/v1/admin/stats"}}, 422, "url_not_allowed"),
+            ("a name that does not resolve", {"json": {"url": "http://nowhere.example/"}}, 422, "url_not_allowed")):
+        bad[f"POST {{box}}/webhooks: {name}"] = ("POST", "{box}/webhooks", kw, "owner", status, code)
+    return bad
+
+
+WEBHOOK_BAD_REQUESTS = webhook_bad_requests()
+
+
+def test_webhook_error_answers_are_documented(tmp_path, fake_dns):  # noqa: F811
+    """Every error the webhook routes give is documented, and every documented one is given (bar 405/429/500).
+
+    webhooks.allow_private is off, as by default: targets are checked (with host names from fake_dns).
+    """
+    env = box_env(tmp_path)
+    owner, other = create(env, local_part="owner"), create(env, local_part="other")
+    tokens_of = {"owner": owner["token"], "other": other["token"], "operator": OPERATOR}
+    hook = env.request("POST", hooks_path(owner["address"]), json={"url": "http://public.example/hook"},
+                       headers={"Authorization": f"Bearer {owner['token']}"}).json
+    given = set()
+
+    def send_one(method, url, kw, auth):
+        url = url.replace("{box}", f"/api/v1/mailboxes/{owner['address']}").replace("{hook}", hook["id"])
+        kw = copy.deepcopy(kw)
+        headers = kw.pop("headers", {})
+        if auth in tokens_of:
+            headers["Authorization"] = f"Bearer {tokens_of[auth]}"
+        elif auth is not None:
+            headers["Authorization"] = auth
+        path, _, query = url.partition("?")
+        return env.request(method, path, headers=headers, query_string=query or None, **kw), path
+
+    for name, (method, url, kw, auth, status, code) in WEBHOOK_BAD_REQUESTS.items():
+        r, path = send_one(method, url, kw, auth)
+        assert (r.status_code, r.json.get("error")) == (status, code), (name, r.status_code, r.text)
+        assert_documented(r, method, path)
+        given.add((template_for(path), method.lower(), status, code))
+    # The eleventh webhook of a mailbox.
+    for i in range(9):
+        r, _ = send_one("POST", "{box}/webhooks", {"json": {"url": f"http://public.example/{i}"}}, "owner")
+        assert r.status_code == 201, r.text
+    r, path = send_one("POST", "{box}/webhooks", {"json": {"url": "http://public.example/10"}}, "owner")
+    assert_error(r, 422, "too_many_webhooks")
+    assert_documented(r, "POST", path)
+    given.add((HOOKS, "post", 422, "too_many_webhooks"))
+    # Nothing bad input did changed the mailbox's webhooks.
+    listed = env.get(hooks_path(owner["address"]), headers={"Authorization": f"Bearer {owner['token']}"}).json
+    assert len(listed["items"]) == 10 and listed["items"][0] == {k: v for k, v in hook.items() if k != "secret"}
+
+    documented = {(path, method, int(status), code)
+                  for path, method, op in operations() if path in (HOOKS, HOOK, HOOK_DELIVERIES, ADMIN_DELIVERIES)
+                  for status in op["responses"] if status[0] == "4" and status not in ("405", "429")
+                  for code in documented_codes(path, method, int(status))}
+    assert given == documented, {"never given": documented - given, "undocumented": given - documented}
+
+
 def test_rate_limit_answers_are_documented(tmp_path):
     env = box_env(tmp_path, MTASIDECAR_API_CREATE_RATE="1", MTASIDECAR_API_AUTH_FAILURE_RATE="1")
     box = create(env)
@@ -644,7 +897,10 @@ def test_rate_limit_answers_are_documented(tmp_path):
         pass
     for method, path in (("GET", url), ("PATCH", url), ("DELETE", url), ("GET", url + "/messages"),
                          ("GET", url + "/events"), ("GET", f"{url}/messages/{NO_SUCH_ID}/raw"),
-                         ("GET", "/api/v1/admin/stats"), ("GET", "/api/v1/admin/mailboxes")):
+                         ("GET", "/api/v1/admin/stats"), ("GET", "/api/v1/admin/mailboxes"),
+                         ("GET", url + "/webhooks"), ("POST", url + "/webhooks"),
+                         ("GET", f"{url}/webhooks/{NO_SUCH_ID}"), ("DELETE", f"{url}/webhooks/{NO_SUCH_ID}"),
+                         ("GET", f"{url}/webhooks/{NO_SUCH_ID}/deliveries"), ("GET", ADMIN_DELIVERIES)):
         r = env.request(method, path, headers={"Authorization": f"Bearer {box['token']}"})
         assert r.status_code == 429, (method, path)
         assert_documented(r, method, path)
@@ -661,14 +917,14 @@ def test_blocked_attachment_403_is_documented(filled):
 def test_security_is_what_the_app_enforces(filled, quick_heartbeat):
     """Open operations answer without credentials; the others 401 without, and open with, theirs."""
     env = filled
-    values = {"message_id": env.ids["private"], "index": "0"}
+    values = {"message_id": env.ids["private"], "index": "0", "webhook_id": env.hook["id"]}
     for path, method, op in operations():
         if method == "delete" or path.endswith("/events"):
             continue  # destructive / endless: their security is the same as their path's GET
         url = path.format(address=PRIVATE_BOX, **{k: v for k, v in values.items() if "{" + k + "}" in path})
         kw = {"json": {"seen": True} if "message_id" in path else {"ttl": 600}} if method == "patch" else {}
         if method == "post":
-            kw = {"json": {}}
+            kw = {"json": {"url": env.receivers["ok"].url("/more")} if path == HOOKS else {}}
         r = env.request(method.upper(), url, **kw)
         if not op["security"]:
             assert r.status_code < 400, (method, path, r.status_code)

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 import peewee as pw
 from playhouse import db_url
+from playhouse.migrate import SchemaMigrator, migrate
 
 from .models import MODELS, database
 
@@ -49,6 +50,20 @@ def open_database(url: str) -> pw.Database:
 
 
 def create_schema(db: pw.Database) -> None:
-    """Create missing tables and indexes; safe to run again."""
+    """Create missing tables and indexes, and add columns newer code expects.
+
+    Safe to run again. create_tables(safe=True) leaves an existing table as
+    it is, so a database made by an older release would lack new columns;
+    every column added since has a default or is nullable, which lets
+    playhouse.migrate add it in place.
+    """
     with db.connection_context():
         db.create_tables(MODELS, safe=True)
+        migrator = SchemaMigrator.from_database(db)
+        for model in MODELS:
+            table = model._meta.table_name
+            present = {c.name for c in db.get_columns(table)}
+            missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
+            if missing:
+                with db.atomic():
+                    migrate(*(migrator.add_column(table, f.column_name, f) for f in missing))

@@ -278,3 +278,21 @@ def test_setup_is_idempotent_and_data_survives_reopening(store, maildir, tmp_pat
     assert [r["id"] for r in again.list_messages(box.id, 10)] == list(ids.values())
     assert Mailbox.select().count() == 1
     again.close()
+
+
+def test_setup_adds_columns_an_older_database_lacks(tmp_path):
+    """A database made by an older release gets the newer columns in place, data kept."""
+    import sqlite3
+    path = tmp_path / "old.db"
+    s = Store(f"sqlite:///{path}")
+    s.setup()
+    s.sync_domains(DOMAINS)
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO mailbox (address, created_at, message_count, bytes_used) VALUES ('a@example.test', 1, 0, 0)")
+    con.execute("ALTER TABLE message DROP COLUMN quarantined")
+    con.execute("ALTER TABLE message DROP COLUMN has_code")
+    con.commit()
+    s.setup()
+    columns = {row[1] for row in con.execute("PRAGMA table_info(message)")}
+    assert {"quarantined", "has_code"} <= columns
+    assert con.execute("SELECT address FROM mailbox").fetchall() == [("a@example.test",)]

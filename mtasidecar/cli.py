@@ -71,7 +71,8 @@ def cmd_ingest(args) -> int:
     ingester = Ingester(store, settings.maildir_path, keep=settings.maildir.keep,
                         max_size=settings.maildir.max_message_size,
                         rescan_interval=settings.maildir.rescan_interval, workers=workers,
-                        auth=settings.auth_config(), blocked=settings.blocklist())
+                        auth=settings.auth_config(), blocked=settings.blocklist(),
+                        domains=settings.auth_failure_domains())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: ingester.stop())
     ingester.run()

@@ -57,12 +57,24 @@ class DomainSettings:
     # (temporary inboxes care about the newest mail).
     max_messages: int = 1000
     max_bytes: int = 100 * 1024 * 1024
+    # Mail whose sender failed authentication (DMARC fail, or SPF fail, and
+    # in both cases no DKIM pass for the From domain; see
+    # docs/architecture.md): "keep" stores and flags it like any other
+    # (authenticated = false), "quarantine" stores it hidden from lists,
+    # events and webhooks (?quarantined=true lists it; GET by id shows it).
+    auth_failure: str = "keep"
+    # Refuse at RCPT (550 5.7.23) when SPF says "fail" for the client IP and
+    # the envelope sender (the HELO name for a null sender); needs the
+    # policy service in Postfix's path. temperror, softfail, none: accepted.
+    reject_spf_fail: bool = False
 
     def validate(self, key: str) -> None:
         if not _DOMAIN_RE.match(self.name):
             raise ConfigError(f"{key}.name: {self.name!r} is not a valid domain name")
         if self.mode not in ("private", "public"):
             raise ConfigError(f"{key}.mode: must be 'private' or 'public', not {self.mode!r}")
+        if self.auth_failure not in ("keep", "quarantine"):
+            raise ConfigError(f"{key}.auth_failure: must be 'keep' or 'quarantine', not {self.auth_failure!r}")
         if self.random_subdomain and not self.subdomains:
             raise ConfigError(f"{key}.random_subdomain: needs subdomains = true")
         if not 60 <= self.default_ttl <= self.max_ttl:
@@ -167,12 +179,18 @@ class PolicySettings:
     # Postfix still refuses foreign domains and sizes itself), anything else
     # like "DEFER_IF_PERMIT ..." makes senders retry.
     default_action: str = "DUNNO"
+    # Seconds for the SPF check of a domain with reject_spf_fail (all its DNS
+    # look-ups together, each also bounded by dns.timeout); past it the
+    # verdict is temperror and the recipient is accepted.
+    spf_budget: float = 3.0
 
     def validate(self, key: str) -> None:
         if self.listen and not self.listen.startswith("unix:"):
             _parse_hostport(f"{key}.listen", self.listen, default_port=10040)
         if self.rate_limit < 1 or self.rate_window <= 0 or self.max_recipients < 1:
             raise ConfigError(f"{key}: rate_limit, rate_window and max_recipients must be positive")
+        if not 0 < self.spf_budget <= 60:
+            raise ConfigError(f"{key}.spf_budget: must be between 0 and 60 seconds")
 
 
 @dataclass(frozen=True)
@@ -340,6 +358,11 @@ class Settings:
         return {"servers": self.dns.server_addresses(), "timeout": self.dns.timeout,
                 "budget": self.dns.budget, "hostname": self.hostname}
 
+    def auth_failure_domains(self) -> dict[str, tuple[bool, str]]:
+        """name → (subdomains, auth_failure) of every domain, as plain (picklable)
+        data for the ingester's workers: which recipients get quarantine."""
+        return {d.name: (d.subdomains, d.auth_failure) for d in self.domains}
+
     def validate(self) -> None:
         seen = set()
         for i, d in enumerate(self.domains):
@@ -347,6 +370,11 @@ class Settings:
             if d.name in seen:
                 raise ConfigError(f"domains[{i}].name: {d.name!r} is listed twice")
             seen.add(d.name)
+            # Settings that would silently do nothing are refused.
+            if d.auth_failure == "quarantine" and not self.auth.enabled:
+                raise ConfigError(f"domains[{i}].auth_failure: 'quarantine' needs auth.enabled = true")
+            if d.reject_spf_fail and not self.policy.listen:
+                raise ConfigError(f"domains[{i}].reject_spf_fail: needs the policy service (policy.listen)")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if hasattr(value, "validate") and f.name != "domains":

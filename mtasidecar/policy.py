@@ -18,18 +18,36 @@ this order:
    ``smtp.message_size_limit`` → ``552 5.3.4 message too large`` (Postfix
    refuses a SIZE over its own message_size_limit at MAIL FROM already; this
    matters when a system Postfix allows more than we do);
-4. the client IP has started more than ``policy.rate_limit`` messages in the
+4. only for a domain with ``reject_spf_fail = true``: SPF for
+   (``client_address``, ``sender``, ``helo_name``) says ``fail`` →
+   ``550 5.7.23 SPF validation failed`` (RFC 7372); every other SPF result
+   (pass, softfail, neutral, none, temperror, permerror) goes on;
+5. the client IP has started more than ``policy.rate_limit`` messages in the
    current window of ``policy.rate_window`` seconds →
    ``450 4.7.1 too many messages from IP, try again later``;
-5. the message already has ``policy.max_recipients`` accepted recipients →
+6. the message already has ``policy.max_recipients`` accepted recipients →
    ``452 4.5.3 too many recipients`` (the sender sends the rest in another
    transaction, RFC 5321 §4.5.3.1.10);
 
 otherwise DUNNO, and Postfix goes on with its own checks.
 
+SPF. The check is the ingester's own SPF evaluation (mail/auth.py:
+``Authenticator.check_spf``: pyspf, every look-up through a
+``CachingResolver`` on ``dns.servers``, this process's own), bounded by
+``policy.spf_budget`` seconds (each look-up also by ``dns.timeout``); past
+it the result is temperror and the mail is accepted. It runs in a thread,
+never on the event loop: other connections keep their fast path, and the
+waiting connection's later requests (Postfix sends none before the answer)
+are answered in order after it. Verdicts are kept per (client IP, sender,
+HELO name) for ``SPF_CACHE_TTL`` seconds, so the other recipients of a
+message, and the next messages of the same sender, cost nothing; temperror
+is not kept. The key holds the whole sender, not only its domain: a record
+may use the local part (the %{l} macro), and a verdict for one address must
+not refuse another. Domains without ``reject_spf_fail`` never pay for SPF.
+
 Counting. A message is Postfix's ``instance`` attribute (one per MAIL FROM
 transaction). It counts against the client's rate when its first recipient
-passes checks 1-3; a refused attempt is not counted, so a client that was
+passes checks 1-4; a refused attempt is not counted, so a client that was
 told 450 is not kept out longer by retrying. The rate window is a fixed one
 that opens at the client's first counted message: exact for "N per window",
 one small record per client (a burst across a window edge can reach 2N in a
@@ -70,6 +88,7 @@ query building costs ~10x the query).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import grp
 import logging
@@ -79,8 +98,10 @@ import socket
 import stat
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from .store.models import Domain, Mailbox, Token
 from .store.store import domain_of
@@ -93,12 +114,16 @@ MAX_ENTRIES = 100_000      # per table: messages in flight, clients in a window
 INSTANCE_TTL = 600.0       # forget a message this long after its last recipient
 DOMAINS_TTL = 5.0          # seconds the domain map is cached
 BUSY_TIMEOUT_MS = 250      # SQLite busy timeout of the policy's own connection
+SPF_CACHE_TTL = 60.0       # seconds an SPF verdict is kept per (client IP, sender, HELO)
+SPF_THREADS = 16           # SPF checks waiting on DNS at once (others queue)
+MAX_BACKLOG = 64           # requests queued on one connection behind an SPF check
 
 DUNNO = "DUNNO"
 MALFORMED = "DEFER_IF_PERMIT 4.3.0 policy request malformed"
 NO_MAILBOX = "550 5.1.1 no such mailbox"
 TOO_LARGE = "552 5.3.4 message too large"
 TOO_MANY_RECIPIENTS = "452 4.5.3 too many recipients"
+SPF_FAIL = "550 5.7.23 SPF validation failed"
 
 
 def _q(field) -> str:
@@ -108,6 +133,32 @@ def _q(field) -> str:
 
 def rate_refusal(client: str) -> str:
     return f"450 4.7.1 too many messages from {client}, try again later"
+
+
+@dataclass(slots=True)
+class SpfPending:
+    """A decision that waits for an SPF verdict (see ``Policy.begin``)."""
+
+    attrs: dict
+    key: tuple[str, str, str]  # (client IP, sender, HELO name): what SPF is asked about
+
+
+class SpfCheck:
+    """(client IP, sender, HELO name) → SPF result, through a cached resolver.
+
+    Thread-safe; never raises. ``budget``: seconds for all look-ups of one check.
+    """
+
+    def __init__(self, servers=None, *, timeout: float = 2.0, budget: float = 3.0, hostname: str | None = None):
+        from .mail.auth import Authenticator  # dnspython, pyspf: only for domains that ask
+        self.auth = Authenticator(servers or None, timeout=timeout, budget=budget, hostname=hostname)
+        self.budget = budget
+
+    def __call__(self, ip: str, sender: str, helo: str) -> str:
+        return self.auth.check_spf(sender, ip, helo, self.budget).result
+
+    def close(self) -> None:
+        self.auth.close()
 
 
 class Policy:
@@ -122,7 +173,8 @@ class Policy:
                  message_size_limit: int = 25 * 1024 * 1024, error_action: str = DUNNO,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  max_entries: int = MAX_ENTRIES, instance_ttl: float = INSTANCE_TTL,
-                 domains_ttl: float = DOMAINS_TTL):
+                 domains_ttl: float = DOMAINS_TTL, spf_reject: Iterable[str] = (),
+                 spf_check: Callable[[str, str, str], str] | None = None, spf_cache_ttl: float = SPF_CACHE_TTL):
         self.db = db
         self.rate_limit = rate_limit
         self.rate_window = rate_window
@@ -145,12 +197,39 @@ class Policy:
         self._sql = self._mailbox_sql(db)
         self._domains_sql = (f'SELECT {_q(Domain.name)}, {_q(Domain.subdomains)}, {_q(Domain.mode)} '
                              f'FROM "{Domain._meta.table_name}" WHERE {_q(Domain.active)} = {db.param}')
+        # Domains whose recipients are refused when SPF fails, and the check
+        # (built on first use: only those domains pay for DNS and pyspf).
+        self.spf_reject = frozenset(d.lower() for d in spf_reject)
+        self.spf_check = spf_check if spf_check is not None or not self.spf_reject else SpfCheck()
+        self.spf_cache_ttl = spf_cache_ttl
+        # (client IP, sender, HELO) -> [result, expires]; oldest first.
+        self.spf_results: OrderedDict[tuple, list] = OrderedDict()
+        self._executor: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_settings(cls, db, settings, **kw) -> Policy:
         p = settings.policy
+        reject = [d.name for d in settings.domains if d.reject_spf_fail]
+        if reject and "spf_check" not in kw:
+            kw["spf_check"] = SpfCheck(settings.dns.server_addresses(), timeout=settings.dns.timeout,
+                                       budget=p.spf_budget, hostname=settings.hostname)
         return cls(db, rate_limit=p.rate_limit, rate_window=p.rate_window, max_recipients=p.max_recipients,
-                   message_size_limit=settings.smtp.message_size_limit, error_action=p.default_action, **kw)
+                   message_size_limit=settings.smtp.message_size_limit, error_action=p.default_action,
+                   spf_reject=reject, **kw)
+
+    def executor(self) -> ThreadPoolExecutor:
+        """Threads for SPF checks (DNS waits), never the event loop's."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(SPF_THREADS, thread_name_prefix="mtasidecar-policy-spf")
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        close = getattr(self.spf_check, "close", None)
+        if close is not None:
+            close()
 
     @staticmethod
     def _mailbox_sql(db) -> str:
@@ -164,7 +243,18 @@ class Policy:
     # -- the decision ----------------------------------------------------------
 
     def check(self, attrs: dict[str, str]) -> str:
-        """The action for one request (without the ``action=`` prefix)."""
+        """The action for one request (without the ``action=`` prefix).
+
+        Blocks for the SPF check when one is needed; the server uses
+        ``begin``/``spf_verdict``/``finish`` to wait for it off the event loop.
+        """
+        step = self.begin(attrs)
+        if isinstance(step, SpfPending):
+            return self.finish(step, self.spf_verdict(step))
+        return step
+
+    def begin(self, attrs: dict[str, str]) -> str | SpfPending:
+        """The action, or an SpfPending when the answer needs an SPF check first."""
         if attrs.get("request") != "smtpd_access_policy":
             return MALFORMED
         if attrs.get("protocol_state", "").upper() != "RCPT":
@@ -172,13 +262,36 @@ class Policy:
         try:
             return self._check_rcpt(attrs)
         except Exception:  # the database, most likely: answer as if we were down
-            now = self.clock()
-            if now - self._last_error_log > 10:
-                self._last_error_log = now
-                log.exception("policy check failed; answering %r", self.error_action)
-            return self.error_action
+            return self._failed()
 
-    def _check_rcpt(self, attrs: dict[str, str]) -> str:
+    def spf_verdict(self, pending: SpfPending) -> str:
+        """Run the SPF check (blocking, thread-safe); never raises."""
+        try:
+            return self.spf_check(*pending.key)
+        except Exception:  # noqa: BLE001 - accept rather than refuse on a bug
+            log.exception("SPF check failed for %s from %s", pending.key[1], pending.key[0])
+            return "temperror"
+
+    def finish(self, pending: SpfPending, result: str) -> str:
+        """The action for a request that waited for the SPF ``result``."""
+        try:
+            now = self.clock()
+            self._remember_spf(pending.key, result, now)
+            if result == "fail":
+                return SPF_FAIL
+            self._expire(now)
+            return self._count(pending.attrs, now)
+        except Exception:
+            return self._failed()
+
+    def _failed(self) -> str:
+        now = self.clock()
+        if now - self._last_error_log > 10:
+            self._last_error_log = now
+            log.exception("policy check failed; answering %r", self.error_action)
+        return self.error_action
+
+    def _check_rcpt(self, attrs: dict[str, str]) -> str | SpfPending:
         recipient = attrs.get("recipient", "").strip().lower()
         if "@" not in recipient:
             return DUNNO  # "postmaster" without a domain, or nothing: Postfix decides
@@ -192,8 +305,37 @@ class Policy:
         size = attrs.get("size", "")
         if size.isdigit() and int(size) > self.message_size_limit:
             return TOO_LARGE
-
+        if name in self.spf_reject:
+            key = (attrs.get("client_address", "").strip(), attrs.get("sender", "").strip().lower(),
+                   attrs.get("helo_name", "").strip().lower())
+            verdict = self._spf_cached(key, now)
+            if verdict is None:
+                return SpfPending(attrs, key)
+            if verdict == "fail":
+                return SPF_FAIL
         self._expire(now)
+        return self._count(attrs, now)
+
+    def _spf_cached(self, key: tuple, now: float) -> str | None:
+        entry = self.spf_results.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= now:
+            del self.spf_results[key]
+            return None
+        return entry[0]
+
+    def _remember_spf(self, key: tuple, result: str, now: float) -> None:
+        if result == "temperror":
+            return  # DNS trouble: ask again next time
+        self.spf_results[key] = [result, now + self.spf_cache_ttl]
+        self.spf_results.move_to_end(key)
+        results = self.spf_results
+        while results and (len(results) > self.max_entries or next(iter(results.values()))[1] <= now):
+            results.popitem(last=False)
+
+    def _count(self, attrs: dict[str, str], now: float) -> str:
+        """Checks 5 and 6: the client's message rate and the recipients per message."""
         instance = attrs.get("instance", "")
         state = self.instances.get(instance) if instance else None
         if state is None:
@@ -279,6 +421,11 @@ class PolicyProtocol(asyncio.Protocol):
     with MALFORMED when its empty line comes, and the connection goes on). A
     line over MAX_LINE bytes or a request over MAX_REQUEST bytes closes the
     connection: no legitimate client sends those.
+
+    A request that needs an SPF check is answered when the check (in a
+    thread) is done; requests that arrive meanwhile wait in ``backlog`` (at
+    most MAX_BACKLOG, else the connection is closed) and are answered after
+    it, in order.
     """
 
     def __init__(self, policy: Policy, connections: set | None = None):
@@ -289,6 +436,8 @@ class PolicyProtocol(asyncio.Protocol):
         self.attrs: dict[str, str] = {}
         self.size = 0
         self.bad = False
+        self.waiting = False  # an SPF check is running for the oldest unanswered request
+        self.backlog: collections.deque[dict | None] = collections.deque()  # None: malformed
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -332,8 +481,8 @@ class PolicyProtocol(asyncio.Protocol):
                 else:
                     self.bad = True
                 continue
-            action = MALFORMED if self.bad or not self.attrs else self.policy.check(self.attrs)
-            out.append(b"action=" + action.encode("utf-8", "replace") + b"\n\n")
+            if not self._request(None if self.bad or not self.attrs else self.attrs, out):
+                return self._abort(out, "over %d requests waiting behind an SPF check" % MAX_BACKLOG)
             self.attrs = {}
             self.size = 0
             self.bad = False
@@ -343,6 +492,33 @@ class PolicyProtocol(asyncio.Protocol):
         if out:
             self.transport.write(b"".join(out))
 
+    def _request(self, attrs: dict | None, out: list[bytes]) -> bool:
+        """Answer one request into ``out``, start its SPF check, or queue it; False: backlog full."""
+        if self.waiting:
+            if len(self.backlog) >= MAX_BACKLOG:
+                return False
+            self.backlog.append(attrs)
+            return True
+        step = MALFORMED if attrs is None else self.policy.begin(attrs)
+        if isinstance(step, SpfPending):
+            self.waiting = True
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self.policy.executor(), self.policy.spf_verdict, step)
+            future.add_done_callback(lambda f: self._spf_done(step, f))
+        else:
+            out.append(_answer(step))
+        return True
+
+    def _spf_done(self, pending: SpfPending, future: asyncio.Future) -> None:
+        if future.cancelled() or self.transport is None or self.transport.is_closing():
+            return
+        exc = future.exception()
+        out = [_answer(self.policy.finish(pending, "temperror" if exc else future.result()))]
+        self.waiting = False
+        while self.backlog and not self.waiting:
+            self._request(self.backlog.popleft(), out)
+        self.transport.write(b"".join(out))
+
     def _abort(self, out: list[bytes], why: str) -> None:
         peer = self.transport.get_extra_info("peername")
         log.warning("closing policy connection from %s: %s", peer or "unix socket", why)
@@ -350,6 +526,10 @@ class PolicyProtocol(asyncio.Protocol):
             self.transport.write(b"".join(out))
         self.buffer = b""
         self.transport.close()
+
+
+def _answer(action: str) -> bytes:
+    return b"action=" + action.encode("utf-8", "replace") + b"\n\n"
 
 
 # -- the server ------------------------------------------------------------------
@@ -463,12 +643,15 @@ async def serve(settings, store, stop: asyncio.Event, ready: Callable[[PolicySer
     await server.start()
     log.info("policy service listening on %s (rate %d per %g s, %d recipients, default action %s)",
              server.address, policy.rate_limit, policy.rate_window, policy.max_recipients, policy.error_action)
+    if policy.spf_reject:
+        log.info("refusing SPF fail (550 5.7.23) for %s", ", ".join(sorted(policy.spf_reject)))
     if ready is not None:
         ready(server)
     try:
         await stop.wait()
     finally:
         await server.close()
+        policy.close()
         log.info("policy service stopped")
 
 

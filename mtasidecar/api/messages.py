@@ -37,6 +37,17 @@ def _auth_filter(req) -> bool | None:
     return value == "pass"
 
 
+def _quarantined_filter(req) -> bool:
+    """?quarantined=true lists only quarantined messages; false (the default) hides them."""
+    value = req.get_param("quarantined")
+    if value is None or value == "false":
+        return False
+    if value != "true":
+        raise bad_request("quarantined must be 'true' (only quarantined messages) or 'false'",
+                          "bad_quarantined")
+    return True
+
+
 class Health:
     def __init__(self, store: Store):
         self.store = store
@@ -101,9 +112,10 @@ class MessageList:
         cursor = req.get_param("cursor")
         before = views.decode_cursor(cursor) if cursor else None
         auth, filters, wait = _auth_filter(req), message_filter(req), _wait_seconds(req)
+        quarantined = _quarantined_filter(req)
 
         def query():
-            return self.store.list_messages(mailbox.id, limit + 1, before, auth, filters)
+            return self.store.list_messages(mailbox.id, limit + 1, before, auth, filters, quarantined)
 
         if wait:
             rows = await self.watcher.rows_when_ready(mailbox.id, query, wait)

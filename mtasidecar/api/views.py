@@ -71,6 +71,9 @@ def message_summary(row: dict, base: str) -> dict:
         "parse_error": row["parse_error"],
         # DMARC pass, or DKIM pass for the From domain; null when not checked.
         "authenticated": row["authenticated"],
+        # Hidden from lists (?quarantined=true shows them): the sender failed
+        # authentication on a domain with auth_failure = "quarantine".
+        "quarantined": bool(row.get("quarantined")),
         "url": f"{base}/{mid}",
     }
 

@@ -73,6 +73,7 @@ def make_authenticator(auth: dict | None):
 # Each worker process has its own Authenticator (and DNS cache).
 _worker_auth = None
 _worker_blocked = None
+_worker_domains = None
 
 
 def _exit_with(pid: int) -> None:
@@ -96,23 +97,26 @@ def _exit_with(pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-ingester", daemon=True).start()
 
 
-def _init_worker(parent: int, auth: dict | None, blocked: Blocklist | None) -> None:
-    global _worker_auth, _worker_blocked
+def _init_worker(parent: int, auth: dict | None, blocked: Blocklist | None,
+                 domains: dict | None = None) -> None:
+    global _worker_auth, _worker_blocked, _worker_domains
     _exit_with(parent)
     # Import flanker (and build its tables) before the first file arrives.
     from ..mail import parse  # noqa: F401
     _worker_auth = make_authenticator(auth)
     _worker_blocked = blocked
+    _worker_domains = domains
 
 
 def _prepare_chunk(paths: list[str], max_size: int) -> list[Prepared]:
-    return prepare_many(paths, max_size, _worker_auth, _worker_blocked)
+    return prepare_many(paths, max_size, _worker_auth, _worker_blocked, _worker_domains)
 
 
 class Ingester:
     def __init__(self, store: Store, maildir: Path, *, keep: bool = False,
                  max_size: int = 50 * 1024 * 1024, rescan_interval: float = 30.0, workers: int = 0,
-                 auth: dict | None = None, blocked: Blocklist | None = None):
+                 auth: dict | None = None, blocked: Blocklist | None = None,
+                 domains: dict[str, tuple[bool, str]] | None = None):
         self.store = store
         self.maildir = Path(maildir)
         self.new_dir = self.maildir / "new"
@@ -124,6 +128,8 @@ class Ingester:
         self.auth = auth
         self.authenticator = make_authenticator(auth)
         self.blocked = blocked
+        # name → (subdomains, auth_failure): which recipients get quarantine.
+        self.domains = domains
         self.queue: queue.SimpleQueue[str] = queue.SimpleQueue()
         # Names queued or in flight: a rescan must not queue them twice.
         self._pending: set[str] = set()
@@ -168,7 +174,7 @@ class Ingester:
         if self.workers > 0:
             pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
                                           initializer=_init_worker,
-                                          initargs=(os.getpid(), self.auth, self.blocked))
+                                          initargs=(os.getpid(), self.auth, self.blocked, self.domains))
             # Start the workers now: the first burst of mail must not wait
             # for them to boot and import the parser (measured p99 ~700 ms).
             for _ in range(self.workers):
@@ -229,7 +235,7 @@ class Ingester:
         for i in range(0, len(paths), CHUNK):
             chunk = paths[i:i + CHUNK]
             try:
-                prepared = prepare_many(chunk, self.max_size, self.authenticator, self.blocked)
+                prepared = prepare_many(chunk, self.max_size, self.authenticator, self.blocked, self.domains)
             except OSError:
                 prepared = self._prepare_one_by_one(chunk)
             self._commit(chunk, prepared)
@@ -239,7 +245,7 @@ class Ingester:
         prepared = []
         for p in chunk:
             try:
-                prepared += prepare_many([p], self.max_size, self.authenticator, self.blocked)
+                prepared += prepare_many([p], self.max_size, self.authenticator, self.blocked, self.domains)
             except OSError as exc:
                 log.error("cannot read %s: %s; will retry on rescan", p, exc)
         return prepared

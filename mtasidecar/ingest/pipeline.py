@@ -21,6 +21,7 @@ from ..mail.blocklist import Blocklist
 from ..mail.parse import attachment_bytes, parse
 from ..mail.parse import intro as make_intro
 from ..store import NewMessage, Store, compress
+from ..store.store import domain_of
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,45 @@ def _authenticated(auth: dict) -> bool:
         for d in auth["dkim"])
 
 
+def sender_failed(auth: dict) -> bool:
+    """Did the sender fail authentication? The rule for quarantine.
+
+    DMARC fail, or SPF fail; and in both cases not authenticated (no DMARC
+    pass, no DKIM pass for the From domain or a parent of it). So a message
+    the API shows as ``authenticated`` is never quarantined, a DKIM-signed
+    message relayed through a host its envelope domain does not list is
+    kept, and temperror, permerror, softfail, neutral and none (DNS trouble,
+    broken or weak records, no records) never hide mail. DMARC's own policy
+    (p=none/quarantine/reject) is reported, not consulted: quarantining is
+    the operator's choice per domain.
+    """
+    if _authenticated(auth):
+        return False
+    return auth["dmarc"]["result"] == "fail" or auth["spf"]["result"] == "fail"
+
+
+class Quarantine:
+    """Which recipients are on a domain with ``auth_failure = "quarantine"``.
+
+    Built per batch from ``Settings.auth_failure_domains()`` (name →
+    (subdomains, auth_failure)), the plain dict the ingester hands its worker
+    processes; every configured domain is in it, so a recipient maps to the
+    same domain as in the store (the most specific configured one).
+    """
+
+    __slots__ = ("subdomains", "names")
+
+    def __init__(self, domains: dict[str, tuple[bool, str]] | None):
+        domains = domains or {}
+        self.subdomains = {name: sub for name, (sub, _handling) in domains.items()}
+        self.names = {name for name, (_sub, handling) in domains.items() if handling == "quarantine"}
+
+    def applies(self, recipient: str | None) -> bool:
+        if not self.names or not recipient:
+            return False
+        return domain_of(recipient.lower(), self.subdomains) in self.names
+
+
 def _mark_blocked(parsed, raw: bytes, blocked: Blocklist | None) -> dict[int, str]:
     """index → reason for each attachment the blocklist refuses."""
     if blocked is None:
@@ -113,7 +153,7 @@ def _mark_blocked(parsed, raw: bytes, blocked: Blocklist | None) -> dict[int, st
 
 
 def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dict | None,
-            blocked: Blocklist | None) -> NewMessage:
+            blocked: Blocklist | None, quarantine: Quarantine | None = None) -> NewMessage:
     recipient = env.recipient or env.original_recipient
     note = None if recipient else "no Delivered-To or X-Original-To header: not delivered by Postfix"
     parsed = parse(raw)
@@ -123,8 +163,10 @@ def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dic
     refused = _mark_blocked(parsed, raw, blocked)
     for a in doc.get("attachments", []):
         a["blocked"] = refused.get(a["index"])
+    quarantined = False
     if auth is not None:
         doc["auth"] = auth
+        quarantined = quarantine is not None and quarantine.applies(recipient) and sender_failed(auth)
     first_from = parsed.from_[0] if parsed.from_ else None
     return NewMessage(
         spool_name=name,
@@ -144,6 +186,7 @@ def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dic
         spf=auth["spf"]["result"] if auth else None,
         dmarc=auth["dmarc"]["result"] if auth else None,
         authenticated=_authenticated(auth) if auth else None,
+        quarantined=quarantined,
         has_code=bool(found.codes),
         has_link=bool(found.links),
         attachments=[{"index": a.index, "filename": a.filename, "content_type": a.content_type,
@@ -154,12 +197,14 @@ def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dic
 
 
 def prepare_many(paths: list[str], max_size: int, authenticator=None,
-                 blocked: Blocklist | None = None) -> list[Prepared]:
+                 blocked: Blocklist | None = None,
+                 domains: dict[str, tuple[bool, str]] | None = None) -> list[Prepared]:
     """Read, authenticate and parse spool files; vanished files are skipped.
 
     Sender checks for the whole batch run concurrently (their DNS waits
     overlap) before parsing. Bad mail never raises; an unreadable file raises
-    OSError and stays in the spool.
+    OSError and stays in the spool. ``domains`` (``Settings.auth_failure_domains()``)
+    says which recipients' domains quarantine mail whose sender failed.
     """
     out: list[Prepared] = []
     loaded = []  # (path, name, raw, mtime, envelope)
@@ -181,14 +226,16 @@ def prepare_many(paths: list[str], max_size: int, authenticator=None,
         results = authenticator.check_many(
             [(raw, env.sender, env.client_ip, env.client_helo) for _p, _n, raw, _t, env in loaded])
         auths = [r.to_dict() for r in results]
+    quarantine = Quarantine(domains) if domains else None
     for (path, name, raw, mtime, env), auth in zip(loaded, auths):
-        out.append(Prepared(path, _record(path, name, raw, mtime, env, auth, blocked), "remove"))
+        out.append(Prepared(path, _record(path, name, raw, mtime, env, auth, blocked, quarantine), "remove"))
     return out
 
 
-def prepare(path: str, max_size: int, authenticator=None, blocked: Blocklist | None = None) -> Prepared:
+def prepare(path: str, max_size: int, authenticator=None, blocked: Blocklist | None = None,
+            domains: dict[str, tuple[bool, str]] | None = None) -> Prepared:
     """One file through ``prepare_many``; FileNotFoundError if it is gone."""
-    done = prepare_many([path], max_size, authenticator, blocked)
+    done = prepare_many([path], max_size, authenticator, blocked, domains)
     if not done:
         raise FileNotFoundError(path)
     return done[0]
@@ -248,6 +295,6 @@ class Pipeline:
 
 
 def ingest_files(pipeline: Pipeline, paths: list[str], max_size: int, authenticator=None,
-                 blocked: Blocklist | None = None) -> int:
+                 blocked: Blocklist | None = None, domains: dict[str, tuple[bool, str]] | None = None) -> int:
     """Prepare and commit ``paths`` in this process (tests, small batches)."""
-    return pipeline.commit(prepare_many(paths, max_size, authenticator, blocked))
+    return pipeline.commit(prepare_many(paths, max_size, authenticator, blocked, domains))

@@ -154,6 +154,20 @@ class Authenticator:
                                          dmarc_result)
         return AuthResult(spf_result, dkim_results, dmarc_result, header)
 
+    def check_spf(self, sender: str | None, client_ip: str | None, helo: str | None,
+                  budget: float | None = None) -> SpfResult:
+        """SPF alone, as the policy service asks at RCPT time; never raises.
+
+        The same evaluation as in `check` (pyspf through our cached resolver),
+        bounded by ``budget`` seconds (default: this Authenticator's budget).
+        """
+        deadline = time.monotonic() + (self.budget if budget is None else budget)
+        try:
+            return self._check_spf(sender, client_ip, helo, deadline)
+        except Exception:  # noqa: BLE001 - a bug here must not refuse mail
+            log.exception("SPF check failed for %s from %s", sender or helo, client_ip)
+            return SpfResult("temperror", None, _parse_ip(client_ip), _clean(helo) or None)
+
     def check_many(self, items: Iterable[CheckItem | tuple]) -> list[AuthResult]:
         """`check` each (raw, sender, client_ip, helo) concurrently; results in order."""
         items = list(items)

@@ -32,8 +32,10 @@ class HotQueries:
         m = _table(Message)
         where = f"m.{_q(Message.mailbox)} = {p}"
         order = f"ORDER BY m.{_q(Message.id)} DESC LIMIT {p}"
-        self._page = f"SELECT {cols} FROM {m} m WHERE {where} {order}"
-        self._page_before = f"SELECT {cols} FROM {m} m WHERE {where} AND m.{_q(Message.id)} < {p} {order}"
+        # Lists leave quarantined messages out (Store.list_messages asks for them otherwise).
+        listed = f"{where} AND NOT m.{_q(Message.quarantined)}"
+        self._page = f"SELECT {cols} FROM {m} m WHERE {listed} {order}"
+        self._page_before = f"SELECT {cols} FROM {m} m WHERE {listed} AND m.{_q(Message.id)} < {p} {order}"
         self._message = (f"SELECT {cols}, m.{_q(Message.envelope_to)}, b.{_q(MessageBody.document)} "
                          f"FROM {m} m JOIN {_table(MessageBody)} b ON b.{_q(MessageBody.message)} = m.{_q(Message.id)} "
                          f"WHERE m.{_q(Message.id)} = {p} AND {where}")
@@ -85,6 +87,7 @@ class HotQueries:
         return out
 
     def list_page(self, mailbox_id: int, limit: int, before_id: int | None) -> list[dict]:
+        """A page of the mailbox's messages that are not quarantined."""
         if before_id is None:
             rows = self._rows(self._page, (mailbox_id, limit))
         else:

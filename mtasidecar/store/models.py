@@ -97,6 +97,9 @@ class Message(BaseModel):
     spf = pw.CharField(max_length=16, null=True)
     dmarc = pw.CharField(max_length=16, null=True)
     authenticated = pw.BooleanField(null=True)
+    # Stored but kept out of lists, events and webhooks: the sender failed
+    # authentication on a domain with auth_failure = "quarantine".
+    quarantined = pw.BooleanField(default=False)
     # What extraction found (links, one-time codes): for ?has= filters.
     has_code = pw.BooleanField(default=False)
     has_link = pw.BooleanField(default=False)

@@ -49,6 +49,8 @@ class NewMessage:
     spf: str | None = None
     dmarc: str | None = None
     authenticated: bool | None = None
+    # Hidden from lists, events and webhooks (see Message.quarantined).
+    quarantined: bool = False
     has_code: bool = False
     has_link: bool = False
     attachments: list = field(default_factory=list)  # dicts: index, filename, content_type, size, disposition, content_id
@@ -196,12 +198,14 @@ class Store:
                     to_json=json.dumps(m.to, ensure_ascii=False), subject=m.subject, intro=m.intro,
                     message_id=m.message_id, size=m.size, has_attachments=bool(m.attachments),
                     seen=False, parse_error=m.parse_error, spf=m.spf, dmarc=m.dmarc,
-                    authenticated=m.authenticated, has_code=m.has_code, has_link=m.has_link,
+                    authenticated=m.authenticated, quarantined=m.quarantined,
+                    has_code=m.has_code, has_link=m.has_link,
                 ))
                 bodies.append((msg_id, m.raw_z, m.document_z))
                 attachments.extend(dict(a, message=msg_id) for a in m.attachments)
                 done[m.spool_name] = msg_id
-                stored.append((msg_id, mb))
+                if not m.quarantined:  # no webhook events for quarantined mail
+                    stored.append((msg_id, mb))
                 if new is not None:
                     new.add(m.spool_name)
                 c = counts.setdefault(mb, [0, 0])
@@ -401,20 +405,26 @@ class Store:
     LIST_FIELDS = (Message.id, Message.received_at, Message.envelope_from, Message.from_name,
                    Message.from_address, Message.to_json, Message.subject, Message.intro,
                    Message.size, Message.has_attachments, Message.seen, Message.parse_error,
-                   Message.message_id, Message.spf, Message.dmarc, Message.authenticated)
+                   Message.message_id, Message.spf, Message.dmarc, Message.authenticated,
+                   Message.quarantined)
 
     def list_messages(self, mailbox_id: int, limit: int, before_id: int | None = None,
-                      authenticated: bool | None = None, filters: MessageFilter | None = None) -> list[dict]:
+                      authenticated: bool | None = None, filters: MessageFilter | None = None,
+                      quarantined: bool | None = False) -> list[dict]:
         """Newest first; ``before_id`` continues a previous page (keyset pagination).
 
         ``authenticated`` keeps only messages whose sender was (or was not)
         authenticated: DMARC pass, or DKIM pass for the From domain.
+        ``quarantined``: False (the default) leaves quarantined messages out,
+        True lists only them, None both.
         """
-        if filters is None and authenticated is None:
+        if filters is None and authenticated is None and quarantined is False:
             return self._sql.list_page(mailbox_id, limit, before_id)
         q = Message.select(*self.LIST_FIELDS).where(Message.mailbox == mailbox_id)
         if before_id is not None:
             q = q.where(Message.id < before_id)
+        if quarantined is not None:
+            q = q.where(Message.quarantined == quarantined)
         if authenticated is not None:
             q = q.where(Message.authenticated == authenticated)
         if filters is not None:
@@ -422,7 +432,10 @@ class Store:
         return list(q.order_by(Message.id.desc()).limit(limit).dicts())
 
     def new_messages_since(self, last_id: int, limit: int = 5000) -> list[tuple[int, int]]:
-        """(id, mailbox id) of messages stored after ``last_id``: what waiters wait for."""
+        """(id, mailbox id) of messages stored after ``last_id``: what waiters wait for.
+
+        Quarantined ones included: they wake waiters for ?quarantined=true, and
+        a waiter whose query hides them just waits on."""
         return list(Message.select(Message.id, Message.mailbox).where(Message.id > last_id)
                     .order_by(Message.id).limit(limit).tuples())
 
@@ -478,8 +491,9 @@ class Store:
 
     def account_messages(self, mailbox_id: int, limit: int, offset: int) -> tuple[list[dict], int]:
         """One page of a mailbox's messages, newest first, by offset (mail.tm's
-        ``?page=``), and how many the mailbox holds."""
-        base = Message.select(*self.LIST_FIELDS).where(Message.mailbox == mailbox_id)
+        ``?page=``), and how many the mailbox holds. Quarantined ones are left out."""
+        base = Message.select(*self.LIST_FIELDS).where((Message.mailbox == mailbox_id)
+                                                       & (Message.quarantined == False))  # noqa: E712
         with self.db.atomic():
             total = base.count()
             rows = list(base.order_by(Message.id.desc()).limit(limit).offset(offset).dicts())

@@ -247,7 +247,7 @@ def test_documented_error_codes():
     box = "/api/v1/mailboxes/{address}"
     expected = {
         ("/api/v1/mailboxes/{address}/messages", "get", 400): {"malformed_address", "bad_limit", "bad_cursor",
-                                                                     "bad_auth_filter", "bad_wait", "bad_has",
+                                                                     "bad_auth_filter", "bad_wait", "bad_has", "bad_quarantined",
                                                                      "bad_from", "bad_subject", "bad_to",
                                                                      "malformed_id"},
         # message_not_found: ?after= an id no row can have

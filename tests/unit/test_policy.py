@@ -475,6 +475,264 @@ def test_from_settings(store):
         7, 3.0, 9, 2048, "DEFER_IF_PERMIT 4.3.0 later")
 
 
+# -- SPF at RCPT: domains with reject_spf_fail ----------------------------------------------
+
+SPF_FAIL = "550 5.7.23 SPF validation failed"
+
+
+class FakeSpf:
+    """SPF verdicts by the sender's domain (the HELO name for a null sender); records calls.
+
+    ``gate``: when set, each call waits for it (a slow DNS server)."""
+
+    def __init__(self, verdicts: dict[str, str], gate: threading.Event | None = None):
+        self.verdicts, self.gate = verdicts, gate
+        self.calls: list[tuple[str, str, str]] = []
+
+    def __call__(self, ip: str, sender: str, helo: str) -> str:
+        self.calls.append((ip, sender, helo))
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        return self.verdicts.get(sender.rpartition("@")[2] if sender else helo, "none")
+
+
+VERDICTS = {"fail.example": "fail", "soft.example": "softfail", "pass.example": "pass",
+            "temp.example": "temperror", "perm.example": "permerror", "neutral.example": "neutral",
+            "bad-helo.example": "fail"}
+
+
+def spf_policy(store, clock, spf=None, **kw) -> P.Policy:
+    # pub.test and sub.test ask for SPF refusals; priv.test does not.
+    return make_policy(store, clock, spf_reject=["pub.test", "SUB.test"], spf_check=spf or FakeSpf(VERDICTS), **kw)
+
+
+def test_spf_fail_is_refused_where_the_domain_asks(store, clock):
+    policy = spf_policy(store, clock)
+    assert policy.check(attrs(recipient="x@pub.test", sender="a@fail.example")) == SPF_FAIL
+    assert policy.check(attrs(recipient="x@y.sub.test", sender="a@fail.example")) == "550 5.1.1 no such mailbox"
+    add_mailbox("box@sub.test", "sub.test")
+    assert policy.check(attrs(recipient="box@sub.test", sender="a@fail.example")) == SPF_FAIL
+    # priv.test did not ask: SPF is not even evaluated.
+    calls = len(policy.spf_check.calls)
+    assert policy.check(attrs(recipient=LIVE, sender="a@fail.example", instance="i9")) == "DUNNO"
+    assert len(policy.spf_check.calls) == calls
+
+
+@pytest.mark.parametrize("domain", ["soft.example", "pass.example", "temp.example", "perm.example",
+                                    "neutral.example", "none.example"])
+def test_every_other_spf_result_goes_on(store, clock, domain):
+    policy = spf_policy(store, clock)
+    assert policy.check(attrs(recipient="x@pub.test", sender=f"a@{domain}")) == "DUNNO"
+
+
+def test_null_sender_is_judged_by_its_helo_name(store, clock):
+    policy = spf_policy(store, clock)
+    assert policy.check(attrs(recipient="x@pub.test", sender="", helo_name="bad-helo.example")) == SPF_FAIL
+    assert policy.check(attrs(recipient="x@pub.test", sender="", helo_name="pass.example",
+                              instance="i2")) == "DUNNO"
+
+
+def test_unknown_mailboxes_and_sizes_are_refused_before_spf_is_asked(store, clock):
+    policy = spf_policy(store, clock)
+    assert policy.check(attrs(recipient="x@y.sub.test", sender="a@fail.example")) == "550 5.1.1 no such mailbox"
+    assert policy.check(attrs(recipient="x@pub.test", sender="a@fail.example", size=10**9)) == \
+        "552 5.3.4 message too large"
+    assert policy.spf_check.calls == []
+
+
+def test_spf_verdicts_are_cached_per_client_sender_and_helo(store, clock):
+    spf = FakeSpf(VERDICTS)
+    policy = spf_policy(store, clock, spf)
+    for rcpt in ("a@pub.test", "b@pub.test", "c@pub.test"):  # one message, three recipients
+        assert policy.check(attrs(recipient=rcpt, sender="a@fail.example")) == SPF_FAIL
+    for i in range(3):  # and the next messages of the same sender
+        assert policy.check(attrs(recipient="a@pub.test", sender="A@Fail.Example", instance=f"n{i}")) == SPF_FAIL
+    assert spf.calls == [("192.0.2.1", "a@fail.example", "sender.example")]
+    # Another client, another address of the domain (macros may use it), another HELO: asked again.
+    policy.check(attrs(recipient="a@pub.test", sender="a@fail.example", client_address="192.0.2.2"))
+    policy.check(attrs(recipient="a@pub.test", sender="b@fail.example"))
+    policy.check(attrs(recipient="a@pub.test", sender="a@fail.example", helo_name="other.example"))
+    assert len(spf.calls) == 4
+    # temperror is never kept: the next recipient asks again.
+    for _ in range(2):
+        assert policy.check(attrs(recipient="a@pub.test", sender="a@temp.example", instance="t")) == "DUNNO"
+    assert len(spf.calls) == 6
+    # A kept verdict lasts SPF_CACHE_TTL seconds.
+    clock.t += P.SPF_CACHE_TTL
+    assert policy.check(attrs(recipient="a@pub.test", sender="a@fail.example")) == SPF_FAIL
+    assert len(spf.calls) == 7
+
+
+def test_spf_cache_is_bounded(store, clock):
+    policy = spf_policy(store, clock, max_entries=5, rate_limit=1000)
+    for i in range(50):
+        policy.check(attrs(recipient="a@pub.test", sender=f"u{i}@pass.example", instance=f"m{i}"))
+    assert len(policy.spf_results) == 5
+
+
+def test_spf_refusals_do_not_use_up_the_rate(store, clock):
+    policy = spf_policy(store, clock)  # rate_limit=3
+    for i in range(10):
+        assert policy.check(attrs(recipient="a@pub.test", sender="a@fail.example", instance=f"f{i}")) == SPF_FAIL
+    for i in range(3):
+        assert policy.check(attrs(recipient="a@pub.test", sender="a@pass.example", instance=f"p{i}")) == "DUNNO"
+    assert policy.check(attrs(recipient="a@pub.test", sender="a@pass.example", instance="p3")).startswith("450 4.7.1")
+
+
+def test_a_failing_spf_check_accepts(store, clock, caplog):
+    def broken(ip, sender, helo):
+        raise RuntimeError("bug")
+
+    policy = spf_policy(store, clock, broken)
+    assert policy.check(attrs(recipient="a@pub.test", sender="a@fail.example")) == "DUNNO"
+    assert "SPF check failed" in caplog.text
+
+
+def test_no_spf_work_without_reject_domains(store, clock):
+    policy = make_policy(store, clock)
+    assert policy.spf_reject == frozenset() and policy.spf_check is None
+    assert policy.check(attrs(recipient="a@pub.test", sender="a@fail.example")) == "DUNNO"
+
+
+def test_from_settings_builds_the_spf_check_only_when_a_domain_asks(store):
+    import json
+
+    from mtasidecar.config import load
+    plain = load(environ={"MTASIDECAR_DOMAINS": "pub.test"})
+    assert P.Policy.from_settings(store.db, plain).spf_check is None
+    settings = load(environ={
+        "MTASIDECAR_DOMAINS": json.dumps([{"name": "pub.test", "mode": "public", "reject_spf_fail": True},
+                                          {"name": "priv.test"}]),
+        "MTASIDECAR_DNS_SERVERS": "127.0.0.1:5399", "MTASIDECAR_DNS_TIMEOUT": "0.5",
+        "MTASIDECAR_POLICY_SPF_BUDGET": "1.5"})
+    p = P.Policy.from_settings(store.db, settings)
+    try:
+        assert p.spf_reject == frozenset({"pub.test"})
+        assert isinstance(p.spf_check, P.SpfCheck) and p.spf_check.budget == 1.5
+        assert p.spf_check.auth.dns.timeout == 0.5
+    finally:
+        p.close()
+
+
+# Through the server: the SPF check runs off the event loop, answers stay in order.
+
+def test_a_slow_spf_check_holds_up_no_other_connection(store, clock):
+    gate = threading.Event()
+    spf = FakeSpf(VERDICTS, gate)
+    st = ServerThread(spf_policy(store, clock, spf))
+    slow, fast = Client(st.address), Client(st.address)
+    try:
+        slow.send(request(recipient="a@pub.test", sender="a@fail.example"))
+        deadline = time.monotonic() + 5
+        while not spf.calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert fast.ask(recipient=LIVE, instance="other") == "DUNNO"
+        assert fast.ask(recipient="nobody@priv.test", instance="i3") == "550 5.1.1 no such mailbox"
+        assert time.monotonic() - t0 < 5
+        gate.set()
+        assert slow.answer() == SPF_FAIL
+    finally:
+        gate.set()
+        slow.close()
+        fast.close()
+        st.stop()
+
+
+def test_requests_behind_an_spf_check_are_answered_in_order(store, clock):
+    spf = FakeSpf(VERDICTS, threading.Event())
+    st = ServerThread(spf_policy(store, clock, spf))
+    c = Client(st.address)
+    try:
+        c.send(request(instance="a", recipient="x@pub.test", sender="a@fail.example")
+               + request(instance="b", recipient="nobody@priv.test")
+               + request(instance="c", recipient="x@pub.test", sender="a@soft.example")
+               + b"garbage\n\n"
+               + request(instance="d", recipient=LIVE))
+        time.sleep(0.2)
+        spf.gate.set()
+        assert [c.answer() for _ in range(5)] == [
+            SPF_FAIL, "550 5.1.1 no such mailbox", "DUNNO", P.MALFORMED, "DUNNO"]
+        assert [call[1] for call in spf.calls] == ["a@fail.example", "a@soft.example"]
+        # The connection goes on as before.
+        assert c.ask(instance="e", recipient="y@pub.test", sender="a@fail.example") == SPF_FAIL
+    finally:
+        spf.gate.set()
+        c.close()
+        st.stop()
+
+
+def test_too_many_requests_behind_an_spf_check_close_the_connection(store, clock):
+    gate = threading.Event()
+    st = ServerThread(spf_policy(store, clock, FakeSpf(VERDICTS, gate)))
+    c = Client(st.address)
+    try:
+        c.send(request(recipient="x@pub.test", sender="a@fail.example")
+               + request(recipient=LIVE) * (P.MAX_BACKLOG + 1))
+        assert c.closed()
+    finally:
+        gate.set()
+        c.close()
+        st.stop()
+
+
+# With pyspf and a real DNS server on loopback.
+
+SPF_ZONE = {
+    "fail.example": {"TXT": ["v=spf1 ip4:198.51.100.0/24 -all"]},
+    "soft.example": {"TXT": ["v=spf1 ip4:198.51.100.0/24 ~all"]},
+    "pass.example": {"TXT": ["v=spf1 ip4:192.0.2.0/24 -all"]},
+    "inc.example": {"TXT": ["v=spf1 include:pass.example -all"]},
+    "helo.example": {"TXT": ["v=spf1 -all"]},
+    "nospf.example": {"A": ["192.0.2.1"]},
+}
+
+
+@pytest.fixture
+def spf_dns():
+    from tests.dnsserver import DNSTestServer
+    server = DNSTestServer(SPF_ZONE).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("sender, helo, action", [
+    ("a@fail.example", "sender.example", SPF_FAIL),
+    ("a@soft.example", "sender.example", "DUNNO"),
+    ("a@pass.example", "sender.example", "DUNNO"),
+    ("a@inc.example", "sender.example", "DUNNO"),
+    ("a@nospf.example", "sender.example", "DUNNO"),
+    ("a@nxdomain.example", "sender.example", "DUNNO"),
+    ("", "helo.example", SPF_FAIL),  # a bounce: the HELO identity
+])
+def test_real_spf(store, clock, spf_dns, sender, helo, action):
+    check = P.SpfCheck([spf_dns.address], timeout=1.0, budget=2.0, hostname="mx.test")
+    try:
+        policy = spf_policy(store, clock, check)
+        assert policy.check(attrs(recipient="x@pub.test", sender=sender, helo_name=helo,
+                                  client_address="192.0.2.1")) == action
+    finally:
+        check.close()
+
+
+def test_real_spf_over_the_server_with_slow_dns_accepts_within_the_budget(store, clock, spf_dns):
+    spf_dns.delay = 3.0
+    check = P.SpfCheck([spf_dns.address], timeout=0.3, budget=0.5, hostname="mx.test")
+    st = ServerThread(spf_policy(store, clock, check))
+    c = Client(st.address)
+    try:
+        t0 = time.monotonic()
+        assert c.ask(recipient="x@pub.test", sender="a@fail.example", client_address="192.0.2.1") == "DUNNO"
+        assert time.monotonic() - t0 < 2.0
+        assert st.server.policy.spf_results == {}  # temperror is not kept
+    finally:
+        spf_dns.delay = 0
+        c.close()
+        st.stop()
+        check.close()
+
+
 # -- the process ---------------------------------------------------------------------
 
 

@@ -66,8 +66,10 @@ def make_authenticator(auth: dict | None):
     if auth is None:
         return None
     from ..mail.auth import Authenticator
+    # Check threads mostly wait on DNS: one per file of a chunk, so a cold
+    # cache costs one round of waits per chunk, not several (bench/auth.py).
     return Authenticator(auth["servers"] or None, timeout=auth["timeout"], budget=auth["budget"],
-                         hostname=auth["hostname"])
+                         hostname=auth["hostname"], max_workers=2 * CHUNK)
 
 
 # Each worker process has its own Authenticator (and DNS cache).

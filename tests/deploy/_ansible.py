@@ -24,6 +24,7 @@ UNITS = (
     "mtasidecar-ingest.service",
     "mtasidecar-api.service",
     "mtasidecar-policy.service",
+    "mtasidecar-webhooks.service",
     "mtasidecar-sweep.service",
     "mtasidecar-sweep.timer",
 )

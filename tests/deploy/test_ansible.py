@@ -62,8 +62,8 @@ ADMIN_SETTINGS = {
 ROLE_PATHS = [Path("/opt/mtasidecar"), Path("/etc/mtasidecar"), Path("/var/lib/mtasidecar"),
               Path("/var/log/mtasidecar"), Path("/run/mtasidecar"), Path("/etc/default/mtasidecar")]
 SYSTEMD_UNITS = ["mtasidecar-ingest.service", "mtasidecar-api.service", "mtasidecar-policy.service",
-                 "mtasidecar-sweep.service", "mtasidecar-sweep.timer"]
-PROCESSES = ["ingest", "api", "policy", "sweep"]   # what mtasidecar-service runs without systemd
+                 "mtasidecar-webhooks.service", "mtasidecar-sweep.service", "mtasidecar-sweep.timer"]
+PROCESSES = ["ingest", "api", "policy", "webhooks", "sweep"]   # what mtasidecar-service runs without systemd
 
 
 def _need(program: str) -> str:
@@ -302,7 +302,7 @@ def test_services_run_as_the_mtasidecar_user(deployed):
     uid = pwd.getpwnam("mtasidecar").pw_uid
     if deployed.systemd:
         for unit in ("mtasidecar-ingest.service", "mtasidecar-api.service", "mtasidecar-policy.service",
-                     "mtasidecar-sweep.timer"):
+                     "mtasidecar-webhooks.service", "mtasidecar-sweep.timer"):
             assert _run(["systemctl", "is-active", unit]).stdout.strip() == "active", unit
         return
     for name in PROCESSES:

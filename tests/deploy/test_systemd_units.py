@@ -22,7 +22,8 @@ pytestmark = pytest.mark.deploy
 
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")
 EXEC = "/opt/mtasidecar/venv/bin/mtasidecar"
-LONG_RUNNING = ("mtasidecar-ingest.service", "mtasidecar-api.service", "mtasidecar-policy.service")
+LONG_RUNNING = ("mtasidecar-ingest.service", "mtasidecar-api.service", "mtasidecar-policy.service",
+                "mtasidecar-webhooks.service")
 
 
 def test_units_are_the_role_templates_with_defaults(tmp_path):

@@ -1,0 +1,1 @@
+"""mtasidecar benchmarks: `python -m bench <name>`; see bench/__main__.py."""

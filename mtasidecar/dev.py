@@ -96,6 +96,20 @@ def _deliver_argv(data_dir: Path, maildir: Path) -> list[str]:
     return [python, str(target), "--maildir", str(maildir)]
 
 
+def _try_hint(settings: Settings, api: str) -> str:
+    """How to send a first mail: straight to a public domain, or via a new mailbox."""
+    smtp = f"swaks --server 127.0.0.1:{settings.smtp.port}"
+    public = next((d for d in settings.domains if d.mode == "public"), None)
+    if public is not None:
+        return (f"Try:\n  {smtp} --to hello@{public.name}\n"
+                f"  curl {api}/api/v1/mailboxes/hello@{public.name}/messages")
+    name = settings.domains[0].name
+    return (f"Try (private domain: make a mailbox first, keep its token):\n"
+            f"  curl -XPOST {api}/api/v1/mailboxes -H 'Content-Type: application/json' -d '{{\"domain\": \"{name}\"}}'\n"
+            f"  {smtp} --to ADDRESS\n"
+            f"  curl -H 'Authorization: Bearer TOKEN' {api}/api/v1/mailboxes/ADDRESS/messages")
+
+
 def run(settings: Settings, prepare_store) -> int:
     from .cli import gunicorn_argv
     from .mta.instance import PostfixInstance
@@ -148,9 +162,7 @@ mtasidecar is running
   domains   {domains}
   Maildir   {maildir}
   database  {settings.database_url}
-Try:
-  swaks --server 127.0.0.1:{settings.smtp.port} --to hello@{settings.domains[0].name}
-  curl {api}/api/v1/mailboxes/hello@{settings.domains[0].name}/messages
+{_try_hint(settings, api)}
 Ctrl-C stops everything.
 """, flush=True)
         while not stop.wait(0.5):

@@ -136,6 +136,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="keep temporary directories")
     p.add_argument("--json", default=str(C.RESULTS / "compare-latest.json"),
                    help="write every figure here too (bench.all draws its charts from it)")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="measure nothing: print (and --record) the report of the figures saved in PATH")
     C.add_auth_argument(p)
     p.add_argument("--mode", choices=["private", "public"], default="public",
                    help="bench.test's mode for mtasidecar (default public: a catch-all like the peers)")
@@ -776,7 +778,7 @@ def build_tables(data: dict, report: C.Report) -> None:
     if e2e:
         t = C.Table(["mails", "system", "msg/s per round (visible)", "median msg/s", "vs Postfix alone",
                      "SMTP accept msg/s", "250 → visible p50 / p95 / p99 ms (last round)",
-                     "stored / lost / duplicated per round", "poll requests (errors)"],
+                     "stored / lost / duplicated per round", "poll requests (errors)", "1-min load per round"],
                     title=f"SMTP → API end to end, {data['conns']} SMTP connections, ~10 KB corpus mails, "
                           f"poll every {data['poll_interval'] * 1000:.0f} ms")
         for n, by_sys in e2e.items():
@@ -793,9 +795,10 @@ def build_tables(data: dict, report: C.Report) -> None:
                 polls = " ; ".join(f"{r.get('poll_requests', '–')} ({r.get('poll_errors', 0)})" for r in runs) \
                     if s != "postfix" else "(inotify)"
                 acc = statistics.median(r["send_rate"] for r in runs)
+                loads = " / ".join(str(r.get("load", "?")).split()[0] for r in runs)
                 t.add(n, f"**{s}**" if s == "mtasidecar" else s, rates, _f(med),
                       _f(_ratio(med, pf), "{:.0%}"), _f(acc),
-                      f"{_f(lat.get('p50'))} / {_f(lat.get('p95'))} / {_f(lat.get('p99'))}", ver, polls)
+                      f"{_f(lat.get('p50'))} / {_f(lat.get('p95'))} / {_f(lat.get('p99'))}", ver, polls, loads)
         report.tables.append(t)
 
     relaxed = data.get("e2e_relaxed", {})
@@ -968,6 +971,16 @@ def evaluate_targets(data: dict) -> list[list[str]]:
 
 
 def run(args, argv: list[str]) -> C.Report:
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        argv = data.get("argv") or argv
+    else:
+        data = measure(args, argv)
+    return render(data, args, argv)
+
+
+def measure(args, argv: list[str]) -> dict:
+    """Run the parts asked for; every figure in one dict (also saved to --json as it grows)."""
     parts = set(args.parts.split(","))
     systems = [s for s in args.systems.split(",") if s]
     bad = [s for s in systems if s not in SYSTEMS]
@@ -982,9 +995,9 @@ def run(args, argv: list[str]) -> C.Report:
         raise C.BenchError("--rounds: one number, or one per --sizes entry")
 
     load, waited = C.wait_load(args.max_load, args.load_wait)
-    report = C.Report("compare", argv, C.machine_info())
-    data: dict = {"machine": report.machine, "systems": systems, "conns": args.conns,
-                  "poll_interval": args.poll_interval, "limit": args.limit, "mode": args.mode, "auth": args.auth,
+    data: dict = {"machine": C.machine_info(), "argv": argv, "systems": systems, "conns": args.conns,
+                  "poll_interval": args.poll_interval, "limit": args.limit, "drain_limit": args.drain_limit,
+                  "max_load": args.max_load, "mode": args.mode, "auth": args.auth,
                   "wrk": {"threads": args.threads, "connections": args.connections, "duration": args.api_duration},
                   "ingest_n": args.ingest_n, "start_load": load, "start_waited_s": waited, "e2e": {},
                   "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -1069,8 +1082,16 @@ def run(args, argv: list[str]) -> C.Report:
         dns.stop()
     data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     data["end_load"] = C.loadavg()
+    data["busy"] = busy
     _save(data, args.json)
+    return data
 
+
+def render(data: dict, args, argv: list[str]) -> C.Report:
+    """The report (tables and notes) from the figures ``measure`` gathered."""
+    report = C.Report("compare", argv, data["machine"])
+    poll, limit, mode, auth = data["poll_interval"], data["limit"], data["mode"], data["auth"]
+    load, waited, busy = data["start_load"], data.get("start_waited_s", 0), data.get("busy", [])
     build_tables(data, report)
     v = data.get("versions", {})
     if "maildev" in v:
@@ -1089,7 +1110,7 @@ def run(args, argv: list[str]) -> C.Report:
                 if runs:
                     how[s] = runs[0]["count_how"]
         report.notes.append(
-            f"Polling, the same for every system with an API: one request every {args.poll_interval * 1000:.0f} ms "
+            f"Polling, the same for every system with an API: one request every {poll * 1000:.0f} ms "
             "(or back to back when an answer takes longer), each on a new connection, asking how many messages "
             "the API shows — " + "; ".join(f"{s}: {h}" for s, h in how.items() if s != "postfix") +
             ". The clock stops at the first answer showing all N; 250 → visible matches the k-th 250 reply "
@@ -1097,18 +1118,18 @@ def run(args, argv: list[str]) -> C.Report:
             "each figure is up to one poll interval (plus the answer's own time) late. Postfix alone: inotify "
             "on new/, each file matched with its own message (exact).")
         report.notes.append(
-            f"mtasidecar: `python -m mtasidecar dev` with bench.test in **{args.mode}** mode"
-            + (" (a catch-all like the peers; mail creates the mailbox)" if args.mode == "public" else "")
-            + f", sender checks (SPF/DKIM/DMARC) {args.auth}" + (" against bench.dns on 127.0.0.1" if
-                                                                args.auth == "on" else "")
+            f"mtasidecar: `python -m mtasidecar dev` with bench.test in **{mode}** mode"
+            + (" (a catch-all like the peers; mail creates the mailbox)" if mode == "public" else "")
+            + f", sender checks (SPF/DKIM/DMARC) {auth}" + (" against bench.dns on 127.0.0.1" if
+                                                                auth == "on" else "")
             + ", the policy service in Postfix's path, writing through Postfix's queue, a Maildir and SQLite. "
             "Its admin stats count is updated in the transaction that stores the messages, so a counted message "
             "is listed in its mailbox.")
         report.notes.append(
-            f"Each run is cut after {args.limit:.0f} s (rate = what was visible by then ÷ {args.limit:.0f} s, "
+            f"Each run is cut after {limit:.0f} s (rate = what was visible by then ÷ {limit:.0f} s, "
             "marked 'cut'); the mail accepted by then is still counted afterwards (up to "
-            f"{args.drain_limit:.0f} s more). Verification, after the clock: every stored message read back "
-            "through the system's own API (maildev: /api/email pages with headers; maildump and mtasidecar: "
+            f"{data.get('drain_limit', 180):.0f} s more). Verification, after the clock: every stored message "
+            "read back through the system's own API (maildev: /api/email pages with headers; maildump and mtasidecar: "
             "each message's raw source; Postfix: the files) and its X-Bench-Id counted: 'lost' = accepted "
             "(250) but not stored, 'duplicated' = stored more than once.")
         report.notes.append("Rounds interleave the systems (the order rotates by one each round); the "
@@ -1135,11 +1156,11 @@ def run(args, argv: list[str]) -> C.Report:
             "Scaling databases: bench.api_list's builder (corpus mails prepared by the real pipeline, rows "
             "written in bulk), public mode, 100 messages per mailbox, kept in bench/results/ and reused (same "
             "names as `python -m bench api-list --mode public`). Ingest: a backlog of "
-            f"{args.ingest_n} corpus mails in Maildir/new/, `python -m mtasidecar ingest` with default workers, "
+            f"{data['ingest_n']} corpus mails in Maildir/new/, `python -m mtasidecar ingest` with default workers, "
             "clock from spawn to the last row (drain: from the first row); 0 stored = a fresh database.")
     report.notes.append(f"1-minute load average at the start: {load:.2f}"
-                        + (f" (after waiting {waited:.0f} s for < {args.max_load})" if waited >= 1 else "")
-                        + f"; at the end: {data['end_load']}. Each run's load is in {args.json}.")
+                        + (f" (after waiting {waited:.0f} s for < {data.get('max_load', 1.5)})" if waited >= 1 else "")
+                        + f"; at the end: {data['end_load']}. Each run's is in {args.from_json or args.json}.")
     if busy:
         report.notes.append("Busy neighbours (over 25 % CPU) when a run started: " + ", ".join(busy[:12])
                             + (f" … ({len(busy)} in all)" if len(busy) > 12 else ""))

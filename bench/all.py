@@ -6,8 +6,10 @@ ones), recording each section of docs/benchmarks.md as `--record` does:
   corpus, sender, ingest-backlog (checks on; workers 0, 1, 2), auth (checks
   off and on, the ingest with and without authentication), smtp-e2e
   (private mode, Postfix alone vs the service), latency, api-list (1M
-  messages, private mode), compare (maildev, maildump, Postfix alone and us
-  side by side; our scaling curve: see bench/compare.py)
+  messages, private mode), waiters, create, compare (maildev, maildump,
+  Postfix alone and us side by side; our scaling curve: see
+  bench/compare.py), and any benchmark registered in bench/__main__.py
+  that this list does not name, with its defaults
 
 then draws PNG charts from compare's figures (matplotlib: `pip install
 -e '.[bench]'`) and writes the "all" section: what ran, when, under which
@@ -25,12 +27,12 @@ redraws the charts and the "all" section from the last compare figures
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import common as C
 
@@ -48,6 +50,11 @@ STEPS = [
      ["--rate", "50", "--seconds", "5", "--quiet-wait", "10"]),
     ("api-list", ["--reuse", "--quiet-wait", "60"],
      ["--reuse", "--messages", "20000", "--mailboxes", "1000", "--duration", "5", "--quiet-wait", "10"]),
+    ("waiters", ["--quiet-wait", "60"],
+     ["--waiters", "100", "--sse", "10", "--wakes", "10", "--sse-wakes", "5", "--filtered", "2", "--duration", "3",
+      "--cpu-window", "10", "--base-window", "3", "--quiet-wait", "10"]),
+    ("create", ["--quiet-wait", "60"], ["--connections", "4", "--bodies", "random", "--duration", "3",
+                                        "--quiet-wait", "10"]),
     ("compare", ["--quiet-wait", "30"],
      ["--sizes", "500,1000", "--rounds", "1", "--api-sizes", "10000,20000", "--ingest-n", "1000",
       "--api-duration", "3", "--limit", "60", "--quiet-wait", "10"]),
@@ -97,7 +104,12 @@ def run(args, argv: list[str]) -> C.Report:
         only = {s for s in args.only.split(",") if s}
         skip = {s for s in args.skip.split(",") if s}
         first = True
-        for name, full, quick in STEPS:
+        from .__main__ import BENCHES
+        listed = {name for name, _, _ in STEPS}
+        # A benchmark registered after this list was written runs too, with its defaults.
+        steps = [st for st in STEPS if st[0] in BENCHES] + [(name, [], []) for name in BENCHES
+                                                            if name not in listed and name != "all"]
+        for name, full, quick in steps:
             if (only and name not in only) or name in skip:
                 continue
             argv_step = list(quick if args.quick else full)
@@ -123,6 +135,15 @@ def run(args, argv: list[str]) -> C.Report:
             if name == "compare":
                 data = getattr(sub, "data", None)
         report.tables.append(steps_table)
+        (C.RESULTS / "all-steps.json").write_text(json.dumps({"argv": argv, "machine": report.machine,
+                                                               "rows": steps_table.rows}))
+    else:
+        # Redrawing only: keep what the last full run recorded about its steps.
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            last = json.loads((C.RESULTS / "all-steps.json").read_text())
+            report.argv, report.machine = last["argv"], last["machine"]
+            steps_table.rows = last["rows"]
+            report.tables.append(steps_table)
     if data is None:
         path = C.RESULTS / "compare-latest.json"
         if path.exists():

@@ -216,6 +216,11 @@ class CountPoller:
         self.thread.join(timeout)
 
 
+def _cpu_by_pid(groups: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+    tick = os.sysconf("SC_CLK_TCK")
+    return {g: {p: (C._stat(p) or ("", 0, 0))[2] / tick for p in pids} for g, pids in groups.items()}
+
+
 def _tree_pids(root: int) -> list[int]:
     return [p for p in C.descendants(root) if C._stat(p)]
 
@@ -549,6 +554,7 @@ def run_e2e(name: str, mails, keys_by_bench: dict, dns, args, extras: bool, work
         out["settle_s"] = quiet_tree(all_pids)
         out["load"] = C.loadavg()
         mem_before = {k: _mem(v) for k, v in system.pids().items()}
+        cpu_before = _cpu_by_pid(system.pids())
         if name != "postfix":
             # The count includes the warm-up mail: the target is n + 1.
             poller = CountPoller(system.count, n + 1, interval, time.monotonic() + args.limit + 90).start()
@@ -597,6 +603,11 @@ def run_e2e(name: str, mails, keys_by_bench: dict, dns, args, extras: bool, work
             out["rate"] = visible_at_limit / args.limit
             out["secs"] = args.limit
         out["cut"] = cut
+        # CPU of the system's processes from the first mail to the end of the clock (processes that
+        # exited meanwhile, a few short-lived Postfix daemons, are missed: a floor).
+        cpu_after = _cpu_by_pid(system.pids())
+        out["cpu_ms_per_msg"] = {g: sum(c - cpu_before.get(g, {}).get(p, 0.0) for p, c in pids.items())
+                                 * 1000 / max(1, accepted) for g, pids in cpu_after.items()}
         out["visible_at_limit"] = visible_at_limit
         out["latency_ms"] = _percentiles(lat)
         accepted_ids = {b for b, k in keys_by_bench.items() if k in res.replies}
@@ -778,7 +789,8 @@ def build_tables(data: dict, report: C.Report) -> None:
     if e2e:
         t = C.Table(["mails", "system", "msg/s per round (visible)", "median msg/s", "vs Postfix alone",
                      "SMTP accept msg/s", "250 → visible p50 / p95 / p99 ms (last round)",
-                     "stored / lost / duplicated per round", "poll requests (errors)", "1-min load per round"],
+                     "stored / lost / duplicated per round", "poll requests (errors)", "CPU ms/msg (last round)",
+                     "1-min load per round"],
                     title=f"SMTP → API end to end, {data['conns']} SMTP connections, ~10 KB corpus mails, "
                           f"poll every {data['poll_interval'] * 1000:.0f} ms")
         for n, by_sys in e2e.items():
@@ -796,9 +808,13 @@ def build_tables(data: dict, report: C.Report) -> None:
                     if s != "postfix" else "(inotify)"
                 acc = statistics.median(r["send_rate"] for r in runs)
                 loads = " / ".join(str(r.get("load", "?")).split()[0] for r in runs)
+                cpu = runs[-1].get("cpu_ms_per_msg")
+                cpu_text = " + ".join(f"{v:.2f} ({g})" if len(cpu) > 1 else f"{v:.2f}" for g, v in cpu.items()) \
+                    if cpu else "–"
                 t.add(n, f"**{s}**" if s == "mtasidecar" else s, rates, _f(med),
                       _f(_ratio(med, pf), "{:.0%}"), _f(acc),
-                      f"{_f(lat.get('p50'))} / {_f(lat.get('p95'))} / {_f(lat.get('p99'))}", ver, polls, loads)
+                      f"{_f(lat.get('p50'))} / {_f(lat.get('p95'))} / {_f(lat.get('p99'))}", ver, polls, cpu_text,
+                      loads)
         report.tables.append(t)
 
     relaxed = data.get("e2e_relaxed", {})
@@ -878,7 +894,7 @@ def build_tables(data: dict, report: C.Report) -> None:
     sc = data.get("scaling", [])
     if sc:
         t = C.Table(["stored", "list req/s", "list p50 / p99 ms", "message req/s", "message p99 ms", "raw req/s",
-                     "raw p99 ms", "ingest msg/s (drain)", "ingest CPU ms/msg", "API RSS MB", "DB GB"],
+                     "raw p99 ms", "ingest msg/s (drain)", "ingest CPU ms/msg", "API anon / PSS MB", "DB GB"],
                     title=f"Scaling: our API (wrk as above, public mode, 100 messages per mailbox) and ingest "
                           f"({data.get('ingest_n')} mails drained into a copy of each database, checks "
                           f"{data['auth']})")
@@ -893,7 +909,8 @@ def build_tables(data: dict, report: C.Report) -> None:
                   _f(a.get("message", {}).get("rps")), _f(a.get("message", {}).get("p99"), "{:.1f}"),
                   _f(a.get("raw", {}).get("rps")), _f(a.get("raw", {}).get("p99"), "{:.1f}"),
                   f"{_f(i.get('rate_total'))} ({_f(i.get('rate_drain'))})", _f(i.get("cpu_ms"), "{:.2f}"),
-                  _f(r.get("memory", {}).get("rss_mb")), _f(r.get("db_bytes", 0) / 2**30 if r else None, "{:.2f}"))
+                  f"{_f(r.get('memory', {}).get('anon_mb'))} / {_f(r.get('memory', {}).get('pss_mb'))}",
+                  _f(r.get("db_bytes", 0) / 2**30 if r else None, "{:.2f}"))
         report.tables.append(t)
 
     targets = evaluate_targets(data)
@@ -1141,7 +1158,8 @@ def render(data: dict, args, argv: list[str]) -> C.Report:
             "random mailbox), …/messages/{id}, …/messages/{id}/raw. maildev: /api/email/summary?limit=30 (its "
             "paged list: the newest 30 summaries) and /api/email?to.address={addr}&limit=30 (one recipient's "
             "mail, full messages, as ours is per mailbox); /api/email/{id}; /api/email/{id}/source. maildump: "
-            "/messages/ (the whole store, no paging: it has nothing smaller), /messages/{id}.json, "
+            "/messages/ (the whole store, no paging: it has nothing smaller), /messages/{id}.json (headers and "
+            "the list of parts; each body is a request of its own), "
             "/messages/{id}.source, with `Connection: close` (on a kept-alive connection it answers only "
             "every ~44 ms). Random paths from the stored mail; wrk and the server share the machine's cores. "
             "'server CPU ms/req': CPU seconds of the server's processes during the run ÷ requests.")
@@ -1157,10 +1175,14 @@ def render(data: dict, args, argv: list[str]) -> C.Report:
             "written in bulk), public mode, 100 messages per mailbox, kept in bench/results/ and reused (same "
             "names as `python -m bench api-list --mode public`). Ingest: a backlog of "
             f"{data['ingest_n']} corpus mails in Maildir/new/, `python -m mtasidecar ingest` with default workers, "
-            "clock from spawn to the last row (drain: from the first row); 0 stored = a fresh database.")
+            "clock from spawn to the last row (drain: from the first row); 0 stored = a fresh database. API "
+            "memory: 'anon' is the gunicorn master's and workers' own memory; PSS adds their share of the "
+            "database pages they have mmap'd (page cache: shared, reclaimable; RSS would count them once per "
+            "mapping, i.e. per thread's connection).")
     report.notes.append(f"1-minute load average at the start: {load:.2f}"
                         + (f" (after waiting {waited:.0f} s for < {data.get('max_load', 1.5)})" if waited >= 1 else "")
-                        + f"; at the end: {data['end_load']}. Each run's is in {args.from_json or args.json}.")
+                        + f"; at the end: {data['end_load']} (each run's, at its start, in the end-to-end "
+                        f"table; every figure in {args.from_json or args.json}).")
     if busy:
         report.notes.append("Busy neighbours (over 25 % CPU) when a run started: " + ", ".join(busy[:12])
                             + (f" … ({len(busy)} in all)" if len(busy) > 12 else ""))

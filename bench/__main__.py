@@ -33,6 +33,7 @@ BENCHES = {
     "sender": "sender",
     "corpus": "corpus_info",
     "auth": "auth",
+    "policy": "policy",
     "waiters": "waiters",
     "create": "create",
     "compare": "compare",

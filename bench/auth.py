@@ -482,22 +482,9 @@ def _tests_importable() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m bench.auth", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
-    args = parser.parse_args(argv)
-    try:
-        report = run(args, ["auth"] + argv)  # named as `python -m bench auth ...` would name it
-    except C.BenchError as exc:
-        print(f"bench auth: {exc}", file=sys.stderr)
-        return 1
-    print()
-    print(report.text())
-    if args.record:
-        C.record(report)
-        print(f"\nrecorded in {C.DOCS}")
-    return 0
+    """`python -m bench.auth` is `python -m bench auth`: one entry point runs and records."""
+    from .__main__ import main as bench_main
+    return bench_main(["auth"] + (sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

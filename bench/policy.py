@@ -394,24 +394,9 @@ def _connects(port: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m bench.policy", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    add_arguments(parser)
-    parser.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
-    args = parser.parse_args(argv)
-    try:
-        report = run(args, ["policy"] + argv)
-    except C.BenchError as exc:
-        print(f"bench policy: {exc}", file=sys.stderr)
-        return 1
-    print()
-    print(report.text())
-    if args.record:
-        C.record(report)
-        print(f"\nrecorded in {C.DOCS}")
-    return 0
+    """`python -m bench.policy` is `python -m bench policy`: one entry point runs and records."""
+    from .__main__ import main as bench_main
+    return bench_main(["policy"] + (sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -364,7 +364,7 @@ def settings_for(data_dir: Path, dns: str | None = None, auth: bool | None = Non
     if auth is not None and "auth" in top:
         overrides["auth"] = {"enabled": auth}
     if "policy" in top:
-        overrides["policy"] = {"listen": f"127.0.0.1:{free_port()}"}
+        overrides["policy"] = {"listen": f"127.0.0.1:{free_port()}", "socketmap": f"127.0.0.1:{free_port()}"}
         if "rate_limit" in fields(_section_type("policy")):
             overrides["policy"]["rate_limit"] = 1_000_000_000
     api: dict = {}

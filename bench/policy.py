@@ -286,7 +286,7 @@ def run(args, argv: list[str]) -> C.Report:
             "data_dir": str(base), "hostname": "bench.localhost",
             "domains": [{"name": PRIVATE, "subdomains": False, "mode": "private"},
                         {"name": PUBLIC, "subdomains": True, "mode": "public"}],
-            "policy": {"listen": f"127.0.0.1:{port}"},
+            "policy": {"listen": f"127.0.0.1:{port}", "socketmap": ""},
         })
         print(f"database: {args.mailboxes} mailboxes ...", flush=True)
         live = make_database(settings, args.mailboxes, rng)

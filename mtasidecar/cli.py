@@ -62,17 +62,19 @@ def cmd_ingest(args) -> int:
     import os
     import signal
 
+    from .domains import DomainRegistry
     from .ingest.maildir import Ingester
     settings = _settings(args)
     _logging(args.verbose)
     store = _prepare_store(settings)
+    registry = DomainRegistry(settings, store)
     # Default: one core for this process (commits), the rest parse.
     workers = settings.ingest.workers if settings.ingest.workers >= 0 else max(1, (os.cpu_count() or 2) - 1)
     ingester = Ingester(store, settings.maildir_path, keep=settings.maildir.keep,
                         max_size=settings.maildir.max_message_size,
                         rescan_interval=settings.maildir.rescan_interval, workers=workers,
                         auth=settings.auth_config(), blocked=settings.blocklist(),
-                        domains=settings.auth_failure_domains())
+                        domains=lambda: registry.snapshot().auth_failure_map())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: ingester.stop())
     ingester.run()

@@ -170,6 +170,12 @@ class PolicySettings:
     # The Postfix policy service (`mtasidecar policy`): "host:port" or
     # "unix:/path". Empty: no policy service in Postfix's path.
     listen: str = "127.0.0.1:10040"
+    # Where the same process answers Postfix's socketmap look-ups
+    # (virtual_mailbox_domains / virtual_mailbox_maps) for the domains an
+    # operator adds or disables at runtime (POST/PATCH /api/v1/domains):
+    # "host:port" or "unix:/path". Empty: only the configured domains, from
+    # the static maps. Needs listen.
+    socketmap: str = "127.0.0.1:10041"
     # Messages per client IP per window before 450 4.7.1.
     rate_limit: int = 120
     rate_window: float = 60.0
@@ -184,9 +190,18 @@ class PolicySettings:
     # verdict is temperror and the recipient is accepted.
     spf_budget: float = 3.0
 
+    @property
+    def served_socketmap(self) -> str:
+        """The socketmap address when the policy process serves one, else ""."""
+        return self.socketmap if self.listen else ""
+
     def validate(self, key: str) -> None:
         if self.listen and not self.listen.startswith("unix:"):
             _parse_hostport(f"{key}.listen", self.listen, default_port=10040)
+        if self.socketmap and not self.socketmap.startswith("unix:"):
+            _parse_hostport(f"{key}.socketmap", self.socketmap, default_port=10041)
+        if self.socketmap and self.socketmap == self.listen:
+            raise ConfigError(f"{key}.socketmap: must differ from {key}.listen")
         if self.rate_limit < 1 or self.rate_window <= 0 or self.max_recipients < 1:
             raise ConfigError(f"{key}: rate_limit, rate_window and max_recipients must be positive")
         if not 0 < self.spf_budget <= 60:
@@ -363,18 +378,34 @@ class Settings:
         data for the ingester's workers: which recipients get quarantine."""
         return {d.name: (d.subdomains, d.auth_failure) for d in self.domains}
 
+    def check_domain(self, d: DomainSettings, key: str) -> None:
+        """One domain's settings, and those that need other settings to work."""
+        d.validate(key)
+        # Settings that would silently do nothing are refused.
+        if d.auth_failure == "quarantine" and not self.auth.enabled:
+            raise ConfigError(f"{key}.auth_failure: 'quarantine' needs auth.enabled = true")
+        if d.reject_spf_fail and not self.policy.listen:
+            raise ConfigError(f"{key}.reject_spf_fail: needs the policy service (policy.listen)")
+
+    def runtime_domain(self, data: dict, key: str = "domain") -> DomainSettings:
+        """A domain an operator adds through the API, built and checked like a configured one."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{key}: expected an object")
+        if isinstance(data.get("name"), str):
+            data = dict(data, name=data["name"].strip().rstrip(".").lower())
+        if "name" not in data:
+            raise ConfigError(f"{key}.name: required")
+        domain = _build(DomainSettings, data, key)
+        self.check_domain(domain, key)
+        return domain
+
     def validate(self) -> None:
         seen = set()
         for i, d in enumerate(self.domains):
-            d.validate(f"domains[{i}]")
+            self.check_domain(d, f"domains[{i}]")
             if d.name in seen:
                 raise ConfigError(f"domains[{i}].name: {d.name!r} is listed twice")
             seen.add(d.name)
-            # Settings that would silently do nothing are refused.
-            if d.auth_failure == "quarantine" and not self.auth.enabled:
-                raise ConfigError(f"domains[{i}].auth_failure: 'quarantine' needs auth.enabled = true")
-            if d.reject_spf_fail and not self.policy.listen:
-                raise ConfigError(f"domains[{i}].reject_spf_fail: needs the policy service (policy.listen)")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if hasattr(value, "validate") and f.name != "domains":

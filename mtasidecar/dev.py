@@ -126,6 +126,7 @@ def run(settings: Settings, prepare_store) -> int:
         deliver_argv=_deliver_argv(data_dir, maildir),
         policy=postfix_endpoint(settings.policy.listen) if settings.policy.listen else None,
         policy_default_action=settings.policy.default_action,
+        socketmap=postfix_endpoint(settings.policy.served_socketmap, 10041) if settings.policy.served_socketmap else None,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -134,16 +135,18 @@ def run(settings: Settings, prepare_store) -> int:
     procs: list[subprocess.Popen] = []
     try:
         if settings.policy.listen:
-            if _policy_listening(settings.policy.listen):
-                log.error("something already listens on the policy address %s; set policy.listen "
-                          "(MTASIDECAR_POLICY_LISTEN) to a free one", settings.policy.listen)
-                return 1
+            for key, where in (("listen", settings.policy.listen), ("socketmap", settings.policy.served_socketmap)):
+                if where and _policy_listening(where):
+                    log.error("something already listens on %s; set policy.%s (MTASIDECAR_POLICY_%s) to a free "
+                              "address", where, key, key.upper())
+                    return 1
             # Before Postfix, so that its first RCPT does not meet a closed port
             # (and the default action) instead of a decision.
             procs.append(subprocess.Popen([sys.executable, "-m", "mtasidecar", "policy"], env=env))
-            if not _wait_policy(settings.policy.listen, 30, lambda: all(p.poll() is None for p in procs)):
-                log.error("the policy service did not come up on %s; stopping", settings.policy.listen)
-                return 1
+            for where in filter(None, (settings.policy.listen, settings.policy.served_socketmap)):
+                if not _wait_policy(where, 30, lambda: all(p.poll() is None for p in procs)):
+                    log.error("the policy service did not come up on %s; stopping", where)
+                    return 1
         postfix.start()  # creates the Maildir with the delivery user's ownership
         procs.append(subprocess.Popen([sys.executable, "-m", "mtasidecar", "ingest"], env=env))
         procs.append(subprocess.Popen(gunicorn_argv(settings), env=env))

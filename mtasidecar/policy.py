@@ -91,6 +91,7 @@ import asyncio
 import collections
 import contextlib
 import grp
+import json
 import logging
 import os
 import signal
@@ -103,8 +104,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .socketmap import SocketmapProtocol
 from .store.models import Domain, Mailbox, Token
-from .store.store import domain_of
+from .store.store import candidate_domains, domain_of
 
 log = logging.getLogger("mtasidecar.policy")
 
@@ -112,7 +114,7 @@ MAX_LINE = 4096            # bytes in one name=value line (Postfix sends far les
 MAX_REQUEST = 64 * 1024    # bytes in one request
 MAX_ENTRIES = 100_000      # per table: messages in flight, clients in a window
 INSTANCE_TTL = 600.0       # forget a message this long after its last recipient
-DOMAINS_TTL = 5.0          # seconds the domain map is cached
+DOMAINS_TTL = 5.0          # seconds the domain map is cached (a socketmap miss checks at once)
 BUSY_TIMEOUT_MS = 250      # SQLite busy timeout of the policy's own connection
 SPF_CACHE_TTL = 60.0       # seconds an SPF verdict is kept per (client IP, sender, HELO)
 SPF_THREADS = 16           # SPF checks waiting on DNS at once (others queue)
@@ -124,6 +126,7 @@ NO_MAILBOX = "550 5.1.1 no such mailbox"
 TOO_LARGE = "552 5.3.4 message too large"
 TOO_MANY_RECIPIENTS = "452 4.5.3 too many recipients"
 SPF_FAIL = "550 5.7.23 SPF validation failed"
+DOMAIN_DISABLED = "550 5.1.2 domain not served here"
 
 
 def _q(field) -> str:
@@ -174,7 +177,8 @@ class Policy:
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  max_entries: int = MAX_ENTRIES, instance_ttl: float = INSTANCE_TTL,
                  domains_ttl: float = DOMAINS_TTL, spf_reject: Iterable[str] = (),
-                 spf_check: Callable[[str, str, str], str] | None = None, spf_cache_ttl: float = SPF_CACHE_TTL):
+                 spf_check: Callable[[str, str, str], str] | None = None, spf_cache_ttl: float = SPF_CACHE_TTL,
+                 spf_factory: Callable[[], Callable[[str, str, str], str]] | None = None):
         self.db = db
         self.rate_limit = rate_limit
         self.rate_window = rate_window
@@ -192,15 +196,20 @@ class Policy:
         self.clients: OrderedDict[str, list] = OrderedDict()
         self._domains: dict[str, tuple[bool, str]] | None = None
         self._subdomains: dict[str, bool] = {}
+        self._disabled: dict[str, bool] = {}  # name → subdomains, of domains switched off
         self._domains_at = float("-inf")
         self._last_error_log = float("-inf")
         self._sql = self._mailbox_sql(db)
-        self._domains_sql = (f'SELECT {_q(Domain.name)}, {_q(Domain.subdomains)}, {_q(Domain.mode)} '
-                             f'FROM "{Domain._meta.table_name}" WHERE {_q(Domain.active)} = {db.param}')
-        # Domains whose recipients are refused when SPF fails, and the check
-        # (built on first use: only those domains pay for DNS and pyspf).
+        self._domains_sql = (f'SELECT {_q(Domain.name)}, {_q(Domain.subdomains)}, {_q(Domain.mode)}, '
+                             f'{_q(Domain.source)}, {_q(Domain.settings)}, {_q(Domain.active)} '
+                             f'FROM "{Domain._meta.table_name}"')
+        # Domains whose recipients are refused when SPF fails (configured, and
+        # runtime ones from the domain map), and the check, built on first use:
+        # only those domains pay for DNS and pyspf.
         self.spf_reject = frozenset(d.lower() for d in spf_reject)
-        self.spf_check = spf_check if spf_check is not None or not self.spf_reject else SpfCheck()
+        self._spf_runtime: frozenset[str] = frozenset()
+        self._spf_factory = spf_factory or SpfCheck
+        self.spf_check = spf_check if spf_check is not None or not self.spf_reject else self._spf_factory()
         self.spf_cache_ttl = spf_cache_ttl
         # (client IP, sender, HELO) -> [result, expires]; oldest first.
         self.spf_results: OrderedDict[tuple, list] = OrderedDict()
@@ -210,9 +219,14 @@ class Policy:
     def from_settings(cls, db, settings, **kw) -> Policy:
         p = settings.policy
         reject = [d.name for d in settings.domains if d.reject_spf_fail]
+
+        def spf_factory() -> SpfCheck:
+            return SpfCheck(settings.dns.server_addresses(), timeout=settings.dns.timeout,
+                            budget=p.spf_budget, hostname=settings.hostname)
+
         if reject and "spf_check" not in kw:
-            kw["spf_check"] = SpfCheck(settings.dns.server_addresses(), timeout=settings.dns.timeout,
-                                       budget=p.spf_budget, hostname=settings.hostname)
+            kw["spf_check"] = spf_factory()
+        kw.setdefault("spf_factory", spf_factory)
         return cls(db, rate_limit=p.rate_limit, rate_window=p.rate_window, max_recipients=p.max_recipients,
                    message_size_limit=settings.smtp.message_size_limit, error_action=p.default_action,
                    spf_reject=reject, **kw)
@@ -299,13 +313,17 @@ class Policy:
         domains = self._domain_map(now)
         name = domain_of(recipient, self._subdomains)
         if name is None:
-            return DUNNO
+            # Postfix let it past its relay check, so it took the domain for ours: a domain
+            # disabled a moment ago, still in an smtpd process's address cache.
+            return DOMAIN_DISABLED if domain_of(recipient, self._disabled) else DUNNO
         if domains[name][1] != "public" and not self._live(recipient):
             return NO_MAILBOX
         size = attrs.get("size", "")
         if size.isdigit() and int(size) > self.message_size_limit:
             return TOO_LARGE
-        if name in self.spf_reject:
+        if name in self.spf_reject or name in self._spf_runtime:
+            if self.spf_check is None:
+                self.spf_check = self._spf_factory()
             key = (attrs.get("client_address", "").strip(), attrs.get("sender", "").strip().lower(),
                    attrs.get("helo_name", "").strip().lower())
             verdict = self._spf_cached(key, now)
@@ -398,17 +416,59 @@ class Policy:
     def _domain_map(self, now: float) -> dict[str, tuple[bool, str]]:
         if self._domains is None or now - self._domains_at >= self.domains_ttl:
             try:
-                fresh = {name: (bool(sub), mode) for name, sub, mode in
-                         self.db.execute_sql(self._domains_sql, (True,)).fetchall()}
+                rows = self.db.execute_sql(self._domains_sql).fetchall()
             except Exception:
                 if self._domains is None:
                     raise
                 log.exception("cannot refresh the domain list; keeping the previous one")
-                fresh = self._domains
-            self._domains = fresh
-            self._subdomains = {n: sub for n, (sub, _mode) in fresh.items()}
+            else:
+                self._domains = {name: (bool(sub), mode) for name, sub, mode, _src, _settings, on in rows if on}
+                self._subdomains = {n: sub for n, (sub, _mode) in self._domains.items()}
+                self._disabled = {name: bool(sub) for name, sub, _mode, _src, _settings, on in rows if not on}
+                self._spf_runtime = frozenset(name for name, _sub, _mode, source, settings, on in rows
+                                              if on and source == "api" and _wants_spf_reject(settings))
             self._domains_at = now
         return self._domains
+
+    # -- the socketmap (mtasidecar/socketmap.py) --------------------------------
+
+    def socketmap(self, name: str, key: str) -> str:
+        """Postfix's table look-up (virtual_mailbox_domains): is the host ``key`` one of ours?"""
+        key = key.strip().lower()
+        if name != "domain":
+            return f"PERM unknown map {name!r}: expected 'domain'"
+        if key.startswith(".") or "@" in key or not key:
+            return "NOTFOUND "  # parent-domain probes: the full name was answered already
+        address = "@" + key
+        try:
+            self._domain_map(self.clock())
+            if domain_of(address, self._subdomains) is None and self._added_since(address):
+                self._domains_at = float("-inf")
+                self._domain_map(self.clock())
+        except Exception:
+            log.exception("socketmap: cannot read the domain list")
+            return "TEMP domain list unavailable"
+        if domain_of(address, self._subdomains) is None:
+            return "NOTFOUND "
+        return "OK ok"
+
+    def _added_since(self, address: str) -> bool:
+        """Whether a name ``address`` could belong to became active since the map was read:
+        one indexed look-up, so a domain added a moment ago is served at once."""
+        names = [n for n in candidate_domains(address) if n not in self._subdomains]
+        if not names:
+            return False
+        marks = ", ".join([self.db.param] * len(names))
+        sql = (f'SELECT 1 FROM "{Domain._meta.table_name}" WHERE {_q(Domain.active)} = {self.db.param} '
+               f'AND {_q(Domain.name)} IN ({marks})')
+        return bool(self.db.execute_sql(sql, (True, *names)).fetchall())
+
+
+def _wants_spf_reject(settings_json: str | None) -> bool:
+    try:
+        return bool(json.loads(settings_json or "{}").get("reject_spf_fail"))
+    except (ValueError, AttributeError):
+        return False
 
 
 # -- the protocol ----------------------------------------------------------------
@@ -535,34 +595,39 @@ def _answer(action: str) -> bytes:
 # -- the server ------------------------------------------------------------------
 
 
-def parse_listen(listen: str) -> tuple[str, str, int]:
-    """("unix", path, 0) or ("inet", host, port) for a policy.listen setting."""
+def parse_listen(listen: str, default_port: int = 10040) -> tuple[str, str, int]:
+    """("unix", path, 0) or ("inet", host, port) for a policy.listen (or .socketmap) setting."""
     from .config import _parse_hostport
     if listen.startswith("unix:"):
         return "unix", listen[len("unix:"):], 0
     if listen.endswith(":0"):  # any free port (tests)
-        host, _port = _parse_hostport("policy.listen", listen[:-1] + "1", default_port=10040)
+        host, _port = _parse_hostport("policy.listen", listen[:-1] + "1", default_port=default_port)
         return "inet", host, 0
-    host, port = _parse_hostport("policy.listen", listen, default_port=10040)
+    host, port = _parse_hostport("policy.listen", listen, default_port=default_port)
     return "inet", host, port
 
 
-def postfix_endpoint(listen: str) -> str:
-    """The ``check_policy_service`` argument for a policy.listen setting."""
-    kind, host, port = parse_listen(listen)
+def postfix_endpoint(listen: str, default_port: int = 10040) -> str:
+    """The ``check_policy_service`` argument for a policy.listen setting (or the socketmap's endpoint)."""
+    kind, host, port = parse_listen(listen, default_port)
     if kind == "unix":
         return f"unix:{host}"
     return f"inet:[{host}]:{port}" if ":" in host else f"inet:{host}:{port}"
 
 
 class PolicyServer:
-    """Listens on ``listen`` ("host:port", port 0 for any, or "unix:/path")."""
+    """Listens on ``listen`` ("host:port", port 0 for any, or "unix:/path").
 
-    def __init__(self, policy: Policy, listen: str):
+    ``socketmap=True``: serves the policy's socketmap look-ups instead of
+    policy requests (the same listener code, another protocol).
+    """
+
+    def __init__(self, policy: Policy, listen: str, *, socketmap: bool = False):
         self.policy = policy
         self.listen = listen
+        self.socketmap = socketmap
         self.server: asyncio.AbstractServer | None = None
-        self.connections: set[PolicyProtocol] = set()
+        self.connections: set = set()
         self.unix_path: Path | None = None
 
     @property
@@ -575,8 +640,11 @@ class PolicyServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        factory = lambda: PolicyProtocol(self.policy, self.connections)  # noqa: E731
-        kind, host, port = parse_listen(self.listen)
+        if self.socketmap:
+            factory = lambda: SocketmapProtocol(self.policy.socketmap, self.connections)  # noqa: E731
+        else:
+            factory = lambda: PolicyProtocol(self.policy, self.connections)  # noqa: E731
+        kind, host, port = parse_listen(self.listen, 10041 if self.socketmap else 10040)
         if kind == "unix":
             path = Path(host)
             _remove_stale_socket(path)
@@ -640,9 +708,13 @@ def _open_db(store):
 async def serve(settings, store, stop: asyncio.Event, ready: Callable[[PolicyServer], None] | None = None) -> None:
     policy = Policy.from_settings(_open_db(store), settings)
     server = PolicyServer(policy, settings.policy.listen)
+    socketmap = PolicyServer(policy, settings.policy.socketmap, socketmap=True) if settings.policy.socketmap else None
     await server.start()
     log.info("policy service listening on %s (rate %d per %g s, %d recipients, default action %s)",
              server.address, policy.rate_limit, policy.rate_window, policy.max_recipients, policy.error_action)
+    if socketmap is not None:
+        await socketmap.start()
+        log.info("socketmap (domains added at runtime) on %s", socketmap.address)
     if policy.spf_reject:
         log.info("refusing SPF fail (550 5.7.23) for %s", ", ".join(sorted(policy.spf_reject)))
     if ready is not None:
@@ -651,6 +723,8 @@ async def serve(settings, store, stop: asyncio.Event, ready: Callable[[PolicySer
         await stop.wait()
     finally:
         await server.close()
+        if socketmap is not None:
+            await socketmap.close()
         policy.close()
         log.info("policy service stopped")
 

@@ -18,6 +18,7 @@ import threading
 import time
 
 from .config import Settings
+from .domains import DomainRegistry
 from .store import Store
 from .store.models import Domain
 
@@ -49,16 +50,16 @@ def sweep_once(store: Store, settings: Settings, now: float | None = None, batch
 
     _drain(expired_step)
     ids = dict(Domain.select(Domain.name, Domain.id).tuples())
-    for domain in settings.domains:
+    served = DomainRegistry(settings, store).snapshot()  # configured + active runtime domains
+    for domain in served:
         domain_id = ids.get(domain.name)
         if domain_id is None:
             continue
         counts["messages"] += _drain(lambda: store.sweep_old_messages(domain_id, now - domain.retention, batch))
         counts["messages"] += _drain(lambda: store.sweep_over_cap(domain_id, domain.max_messages,
                                                                   domain.max_bytes, batch))
-    configured = {d.name for d in settings.domains}
     for name, domain_id in ids.items():
-        if name not in configured:  # removed from the configuration: its mail is unrouted mail now
+        if served.get(name) is None:  # removed from the configuration or disabled: its mail is unrouted now
             counts["messages"] += _drain(lambda: store.sweep_old_messages(domain_id, now - UNROUTED_RETENTION, batch))
     counts["messages"] += _drain(lambda: store.sweep_old_messages(None, now - UNROUTED_RETENTION, batch))
     return counts

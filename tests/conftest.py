@@ -109,6 +109,7 @@ def start_service(data_dir: Path, domains: list[str], extra_env: dict | None = N
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTASIDECAR_")}
     # Each service its own policy port (the default, 10040, is shared by all).
     env["MTASIDECAR_POLICY_LISTEN"] = f"127.0.0.1:{free_port()}"
+    env["MTASIDECAR_POLICY_SOCKETMAP"] = f"127.0.0.1:{free_port()}"
     env.update(extra_env or {})
     log = open(data_dir.parent / f"{data_dir.name}-dev.log", "wb")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -16,7 +16,8 @@ import time
 
 from .. import tokens
 from ..config import Settings
-from ..store import Store, domain_of
+from ..domains import DomainRegistry
+from ..store import Store
 from .errors import ApiError, bad_request, not_found
 from .ratelimit import Limiter, client_ip
 
@@ -28,14 +29,13 @@ def unauthorized(message: str, code: str = "unauthorized") -> ApiError:
 
 
 class Access:
-    def __init__(self, store: Store, settings: Settings):
+    def __init__(self, store: Store, settings: Settings, domains: DomainRegistry | None = None):
         self.store = store
         self.settings = settings
+        self.domains = domains or DomainRegistry(settings, store)
         self.trusted = settings.api.trusted_proxies
         self.failures = Limiter(settings.api.auth_failure_rate)
         self._operator_hash = tokens.token_hash(settings.api.operator_token) if settings.api.operator_token else None
-        self._domains = {d.name: d.subdomains for d in settings.domains}
-        self._modes = {d.name: d.mode for d in settings.domains}
 
     # -- credentials ---------------------------------------------------------
 
@@ -80,12 +80,8 @@ class Access:
         return address
 
     def domain_name(self, address: str) -> str | None:
-        """The configured domain ``address`` belongs to (subdomains included)."""
-        return domain_of(address, self._domains)
-
-    def domain_mode(self, address: str) -> str | None:
-        name = self.domain_name(address)
-        return self._modes.get(name) if name else None
+        """The domain ``address`` belongs to (subdomains included), from the last snapshot."""
+        return self.domains.cached.name_of(address)
 
     async def mailbox(self, req, address: str):
         """The mailbox this request may use, or a 401/404/429 ApiError."""
@@ -98,7 +94,8 @@ class Access:
             return mailbox
         live = mailbox is not None and (mailbox.expires_at is None or mailbox.expires_at > time.time())
         if mailbox is None:
-            mode = self.domain_mode(address)
+            domain = await self.domains.aof(address)
+            mode = domain.mode if domain else None
         if mode == "public":
             if not live:
                 raise not_found(f"no mailbox {address}", "mailbox_not_found")

@@ -15,11 +15,13 @@ import falcon
 import falcon.asgi
 
 from ..config import Settings
+from ..domains import DomainRegistry
 from ..store import Store
 from . import errors, mailtm, webhooks
 from .access import Access
+from .domains import AdminDomainItem, AdminDomains, PublicDomains
 from .mailboxes import AdminMailboxes, AdminStats, MailboxItem, Mailboxes
-from .messages import (Domains, Health, MessageAttachment, MessageEvents, MessageExtract, MessageItem, MessageList,
+from .messages import (Health, MessageAttachment, MessageEvents, MessageExtract, MessageItem, MessageList,
                        MessageRaw)
 from .waiting import Watcher
 
@@ -36,7 +38,8 @@ class OpenApi:
 
 def create_app(settings: Settings, store: Store | None = None) -> falcon.asgi.App:
     store = store or Store(settings.database_url)
-    access = Access(store, settings)
+    domains = DomainRegistry(settings, store)
+    access = Access(store, settings, domains)
     watcher = Watcher(store)
     app = falcon.asgi.App(cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
@@ -45,7 +48,7 @@ def create_app(settings: Settings, store: Store | None = None) -> falcon.asgi.Ap
 
     app.add_route("/healthz", Health(store))
     app.add_route(f"{API}/openapi.json", OpenApi())
-    app.add_route(f"{API}/domains", Domains(store))
+    app.add_route(f"{API}/domains", PublicDomains(store))
     app.add_route(f"{API}/mailboxes", Mailboxes(store, settings, access))
     mb = f"{API}/mailboxes/{{address}}"
     app.add_route(mb, MailboxItem(store, settings, access))
@@ -58,6 +61,8 @@ def create_app(settings: Settings, store: Store | None = None) -> falcon.asgi.Ap
     app.add_route(f"{mb}/messages/{{message_id}}/attachments/{{index}}", MessageAttachment(store, access))
     app.add_route(f"{API}/admin/mailboxes", AdminMailboxes(store, access, settings.api.max_page_size))
     app.add_route(f"{API}/admin/stats", AdminStats(store, access))
+    app.add_route(f"{API}/admin/domains", AdminDomains(store, access, domains))
+    app.add_route(f"{API}/admin/domains/{{name}}", AdminDomainItem(store, access, domains))
     webhooks.register(app, store, settings, access)
     # mail.tm's API at the root: a mail.tm client only changes its base URL.
     mailtm.register(app, store, settings, access, watcher)

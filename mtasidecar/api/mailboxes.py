@@ -62,13 +62,14 @@ class Mailboxes:
         self.store, self.settings, self.access = store, settings, access
         self.limiter = Limiter(settings.api.create_rate)
 
-    def _domain(self, body: dict) -> DomainSettings:
+    async def _domain(self, body: dict) -> DomainSettings:
         name = body.get("domain")
         if name is None:
-            if not self.settings.domains:
+            domain = (await self.access.domains.current()).default
+            if domain is None:
                 raise unprocessable("no domains are configured", "unknown_domain")
-            return self.settings.domains[0]
-        domain = self.settings.domain(name.lower()) if isinstance(name, str) else None
+            return domain
+        domain = await self.access.domains.aget(name.lower()) if isinstance(name, str) else None
         if domain is None:
             raise unprocessable(f"unknown domain {name!r}; GET /api/v1/domains lists them", "unknown_domain")
         return domain
@@ -107,7 +108,7 @@ class Mailboxes:
         unknown = set(body) - CREATE_FIELDS
         if unknown:
             raise unprocessable(f"unknown field(s): {', '.join(sorted(unknown))}", "unknown_field")
-        domain = self._domain(body)
+        domain = await self._domain(body)
         local, host, ttl = self._local_part(body), self._host(body, domain), _ttl(body, domain)
         address = f"{local}@{host}"
         if len(address) > 254:
@@ -136,7 +137,7 @@ class MailboxItem:
         if set(body) != {"ttl"}:
             raise unprocessable("send {\"ttl\": seconds}: the mailbox then lives that long from now",
                                 "invalid_body")
-        domain = self.settings.domain(self.access.domain_name(mailbox.address) or "")
+        domain = await self.access.domains.aof(mailbox.address)
         if domain is None:
             raise unprocessable("this mailbox's domain is no longer configured", "unknown_domain")
         expires_at = time.time() + _ttl(body, domain)

@@ -315,11 +315,11 @@ class Api:
         self.access.failures.allow(self.ip(req))
 
     def quota(self, mailbox) -> int | None:
-        domain = self.settings.domain(self.access.domain_name(mailbox.address) or "")
+        domain = self.access.domains.cached.of(mailbox.address)
         return domain.max_bytes if domain else None
 
     def retention_until(self, mailbox, received_at: float) -> float | None:
-        domain = self.settings.domain(self.access.domain_name(mailbox.address) or "")
+        domain = self.access.domains.cached.of(mailbox.address)
         until = received_at + domain.retention if domain else None
         if mailbox.expires_at is not None:
             until = mailbox.expires_at if until is None else min(until, mailbox.expires_at)
@@ -351,6 +351,7 @@ class Api:
             raise unauthorized("Invalid JWT Token")
         if mailbox.expires_at is not None and mailbox.expires_at <= time.time():
             raise unauthorized("Expired JWT Token")
+        await self.access.domains.current()  # quota() and retention_until() read the snapshot
         return mailbox
 
     async def message_row(self, mailbox, message_id: str) -> dict:
@@ -413,8 +414,8 @@ class Accounts:
     def __init__(self, api: Api):
         self.api = api
 
-    def _address(self, value) -> tuple[str | None, str | None, tuple | None]:
-        """(address, domain name, violation)"""
+    def _address(self, value, domains) -> tuple[str | None, str | None, tuple | None]:
+        """(address, domain name, violation); ``domains``: a DomainSet"""
         if value is None or (isinstance(value, str) and not value.strip()):
             return None, None, ("address", "This value should not be blank.")
         if not isinstance(value, str):
@@ -424,8 +425,8 @@ class Accounts:
         if (not at or len(address) > 254 or not 1 <= len(local) <= 64 or not _LOCAL_RE.match(local)
                 or not _HOST_RE.match(host)):
             return None, None, ("address", "This value is not a valid email address.")
-        name = self.api.access.domain_name(address)
-        if name is None or self.api.settings.domain(name) is None:
+        name = domains.name_of(address)
+        if name is None:
             return None, None, ("address", f'The domain "{host}" is not one of ours; GET /domains lists them.')
         if local in self.api.settings.mailboxes.reserved:
             return None, None, ("address", f'The local part "{local}" is reserved.')
@@ -451,13 +452,18 @@ class Accounts:
             raise MailTmError(429, "Too Many Requests: too many accounts created from your address.",
                               headers={"Retry-After": str(max(1, round(wait + 0.5)))})
         body = await read_json(req)
-        address, domain_name, bad_address = self._address(body.get("address"))
+        domains = await api.access.domains.current()
+        raw = body.get("address")
+        address, domain_name, bad_address = self._address(raw, domains)
+        if domain_name is None and isinstance(raw, str) and "@" in raw:  # a domain added a moment ago elsewhere?
+            domains = await api.access.domains.arecheck(raw.strip().lower())
+            address, domain_name, bad_address = self._address(raw, domains)
         password = body.get("password")
         bad_password = self._password(password)
         problems = [v for v in (bad_address, bad_password) if v]
         if problems:
             raise invalid(*problems)
-        domain = api.settings.domain(domain_name)
+        domain = domains.get(domain_name)
         password_hash = await run(hash_password, password)
         mailbox = await run(api.store.create_mailbox, address, domain_name, None, time.time() + domain.max_ttl,
                             password_hash=password_hash)

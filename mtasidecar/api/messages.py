@@ -57,16 +57,6 @@ class Health:
         resp.media = {"status": "ok"}
 
 
-class Domains:
-    def __init__(self, store: Store):
-        self.store = store
-
-    async def on_get(self, req, resp):
-        rows = await run(self.store.list_domains)
-        resp.media = {"items": [{"id": views.format_id(d.id), "name": d.name, "subdomains": d.subdomains,
-                                 "mode": d.mode} for d in rows]}
-
-
 MAX_WAIT = 300
 _FILTER_TEXT_MAX = 320
 

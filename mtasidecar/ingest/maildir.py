@@ -24,6 +24,7 @@ import select
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import peewee as pw
 from watchdog.events import FileSystemEventHandler
@@ -75,7 +76,6 @@ def make_authenticator(auth: dict | None):
 # Each worker process has its own Authenticator (and DNS cache).
 _worker_auth = None
 _worker_blocked = None
-_worker_domains = None
 
 
 def _exit_with(pid: int) -> None:
@@ -99,26 +99,24 @@ def _exit_with(pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-ingester", daemon=True).start()
 
 
-def _init_worker(parent: int, auth: dict | None, blocked: Blocklist | None,
-                 domains: dict | None = None) -> None:
-    global _worker_auth, _worker_blocked, _worker_domains
+def _init_worker(parent: int, auth: dict | None, blocked: Blocklist | None) -> None:
+    global _worker_auth, _worker_blocked
     _exit_with(parent)
     # Import flanker (and build its tables) before the first file arrives.
     from ..mail import parse  # noqa: F401
     _worker_auth = make_authenticator(auth)
     _worker_blocked = blocked
-    _worker_domains = domains
 
 
-def _prepare_chunk(paths: list[str], max_size: int) -> list[Prepared]:
-    return prepare_many(paths, max_size, _worker_auth, _worker_blocked, _worker_domains)
+def _prepare_chunk(paths: list[str], max_size: int, domains: dict | None) -> list[Prepared]:
+    return prepare_many(paths, max_size, _worker_auth, _worker_blocked, domains)
 
 
 class Ingester:
     def __init__(self, store: Store, maildir: Path, *, keep: bool = False,
                  max_size: int = 50 * 1024 * 1024, rescan_interval: float = 30.0, workers: int = 0,
                  auth: dict | None = None, blocked: Blocklist | None = None,
-                 domains: dict[str, tuple[bool, str]] | None = None):
+                 domains: dict[str, tuple[bool, str]] | Callable[[], dict] | None = None):
         self.store = store
         self.maildir = Path(maildir)
         self.new_dir = self.maildir / "new"
@@ -130,8 +128,9 @@ class Ingester:
         self.auth = auth
         self.authenticator = make_authenticator(auth)
         self.blocked = blocked
-        # name → (subdomains, auth_failure): which recipients get quarantine.
-        self.domains = domains
+        # name → (subdomains, auth_failure): which recipients get quarantine; a
+        # callable is asked per batch (domains added at runtime, mtasidecar/domains.py).
+        self._domains = domains
         self.queue: queue.SimpleQueue[str] = queue.SimpleQueue()
         # Names queued or in flight: a rescan must not queue them twice.
         self._pending: set[str] = set()
@@ -176,7 +175,7 @@ class Ingester:
         if self.workers > 0:
             pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
                                           initializer=_init_worker,
-                                          initargs=(os.getpid(), self.auth, self.blocked, self.domains))
+                                          initargs=(os.getpid(), self.auth, self.blocked))
             # Start the workers now: the first burst of mail must not wait
             # for them to boot and import the parser (measured p99 ~700 ms).
             for _ in range(self.workers):
@@ -225,13 +224,17 @@ class Ingester:
                 continue
             for i in range(0, len(paths), CHUNK):
                 chunk = paths[i:i + CHUNK]
-                inflight.append((chunk, pool.submit(_prepare_chunk, chunk, self.max_size)))
+                inflight.append((chunk, pool.submit(_prepare_chunk, chunk, self.max_size, self.domains)))
             if inflight:
                 chunk, fut = inflight.popleft()
                 self._commit_future(chunk, fut)
         for chunk, fut in inflight:
             fut.cancel()
             self._release(chunk)
+
+    @property
+    def domains(self) -> dict | None:
+        return self._domains() if callable(self._domains) else self._domains
 
     def _commit_inline(self, paths: list[str]) -> None:
         for i in range(0, len(paths), CHUNK):

@@ -32,7 +32,9 @@ def rendered_for(settings: Settings, *, create_user: bool) -> dict[str, str]:
     return render([(d.name, d.subdomains) for d in settings.domains], maildir, uid=uid, gid=gid,
                   message_size_limit=settings.smtp.message_size_limit, delivery=settings.smtp.delivery,
                   deliver_argv=[sys.executable, "-m", "mtasidecar", "deliver", "--maildir", str(maildir)],
-                  policy=policy, policy_default_action=settings.policy.default_action)
+                  policy=policy, policy_default_action=settings.policy.default_action,
+                  socketmap=(postfix_endpoint(settings.policy.served_socketmap, 10041)
+                             if settings.policy.served_socketmap else None))
 
 
 def postfix_command(settings: Settings, args) -> int:

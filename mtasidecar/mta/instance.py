@@ -84,6 +84,7 @@ class PostfixInstance:
         message_size_limit: int = 10_240_000,
         policy: str | None = None,
         policy_default_action: str = DEFAULT_POLICY_ACTION,
+        socketmap: str | None = None,
         delivery: Delivery = "maildir",
         deliver_argv: list[str] | None = None,
         timeout: float = 15.0,
@@ -99,6 +100,7 @@ class PostfixInstance:
         self.message_size_limit = message_size_limit
         self.policy = policy
         self.policy_default_action = policy_default_action
+        self.socketmap = socketmap
         self.delivery = delivery
         self.deliver_argv = deliver_argv
         self.timeout = timeout
@@ -216,6 +218,7 @@ class PostfixInstance:
             message_size_limit=self.message_size_limit,
             policy=self.policy,
             policy_default_action=self.policy_default_action,
+            socketmap=self.socketmap,
             delivery=self.delivery,
             deliver_argv=self.deliver_argv,
         )

@@ -80,6 +80,7 @@ def render(
     message_size_limit: int,
     policy: str | None = None,
     policy_default_action: str = DEFAULT_POLICY_ACTION,
+    socketmap: str | None = None,
     delivery: Delivery = "maildir",
     deliver_argv: list[str] | None = None,
     pipe_user: str | None = None,
@@ -90,7 +91,9 @@ def render(
     catch-all Maildir (the directory holding ``new/``, ``cur/``, ``tmp/``).
     ``policy`` is a Postfix endpoint (``inet:127.0.0.1:10040``,
     ``unix:/run/mtasidecar/policy``; a bare ``host:port`` means inet);
-    without it no policy lines are rendered. For ``delivery="pipe"``,
+    without it no policy lines are rendered. ``socketmap`` is the policy
+    process's socketmap endpoint (same forms) for domains added at runtime;
+    without it Postfix knows only the configured domains. For ``delivery="pipe"``,
     ``deliver_argv`` is the command pipe(8) runs, subcommand and options
     included (default: ``[<this installation's mtasidecar script>,
     "deliver", "--maildir", MAILDIR]``); the template appends the envelope arguments sender,
@@ -109,7 +112,7 @@ def render(
     if message_size_limit < 0:
         raise ValueError("message_size_limit must be >= 0 (0 means no limit)")
     rules = [(normalize_domain(name), bool(subdomains)) for name, subdomains in domains]
-    main = _main_cf(maildir, uid, gid, message_size_limit)
+    main = _main_cf(maildir, uid, gid, message_size_limit, socketmap)
     master = ""
     if policy is not None:
         main += "\n" + _policy_cf(policy, policy_default_action)
@@ -121,12 +124,14 @@ def render(
         MASTER_CF: master,
         DOMAINS_MAP: fill(template_text("domains.pcre.in"), {"rules": _domain_rules(rules)}),
         MAILBOXES_MAP: fill(
-            template_text("mailboxes.pcre.in"), {"rules": _mailbox_rules(rules, maildir.name)}
+            template_text("mailboxes.pcre.in"),
+            {"rules": _mailbox_rules(rules, maildir.name) + (_runtime_mailbox_rule(maildir.name) if socketmap else "")},
         ),
     }
 
 
-def _main_cf(maildir: Path, uid: int, gid: int, message_size_limit: int) -> str:
+def _main_cf(maildir: Path, uid: int, gid: int, message_size_limit: int, socketmap: str | None) -> str:
+    table = f"socketmap:{policy_endpoint(socketmap)}" if socketmap else ""
     return fill(
         template_text("main.cf.in"),
         {
@@ -134,6 +139,7 @@ def _main_cf(maildir: Path, uid: int, gid: int, message_size_limit: int) -> str:
             "uid": str(uid),
             "gid": str(gid),
             "message_size_limit": str(message_size_limit),
+            "runtime_domains": f", {table}:domain" if table else "",
         },
     )
 
@@ -184,6 +190,15 @@ def domain_regex(domain: str, subdomains: bool, subdomain_part: str = ".+") -> s
 
 def _domain_rules(domains: list[tuple[str, bool]]) -> str:
     return "\n".join(f"/^{domain_regex(d, sub)}$/ OK" for d, sub in domains)
+
+
+def _runtime_mailbox_rule(mailbox: str) -> str:
+    # virtual(8) refuses socketmap tables for virtual_mailbox_maps (they name
+    # files it writes as root), so the domains added at runtime get this rule:
+    # every address that reaches virtual(8) is in virtual_mailbox_domains
+    # already (the static map or our socketmap), so matching any address here
+    # accepts nothing those did not.
+    return f"\n# Domains added at runtime (accepted through the socketmap in virtual_mailbox_domains):\n/@/ {mailbox}/"
 
 
 def _mailbox_rules(domains: list[tuple[str, bool]], mailbox: str) -> str:

@@ -32,6 +32,11 @@ class Domain(BaseModel):
     mode = pw.CharField(max_length=16, default="private")
     active = pw.BooleanField(default=True)
     created_at = pw.DoubleField()
+    # "config": mirrored from the configuration at start (store.sync_domains);
+    # "api": added by an operator at runtime, with its DomainSettings fields
+    # as JSON in ``settings`` (the configuration wins on a name in both).
+    source = pw.CharField(max_length=16, default="config")
+    settings = pw.TextField(null=True)
 
 
 class IdField(pw.AutoField):

@@ -80,6 +80,13 @@ def decompress(data: bytes) -> bytes:
     return zlib.decompress(data)  # rows written before zstd
 
 
+def candidate_domains(address: str) -> list[str]:
+    """The names ``address`` (or a bare host) could belong to: its host, then each parent
+    but the top-level label, the order domain_of tries them."""
+    parts = address.rpartition("@")[2].split(".")
+    return [".".join(parts[i:]) for i in range(max(1, len(parts) - 1))]
+
+
 def domain_of(address: str, domains: dict[str, bool]) -> str | None:
     """The configured domain that ``address`` belongs to, if any.
 
@@ -149,7 +156,8 @@ class Store:
         """Make the Domain table match the configured domains.
 
         Items are (name, subdomains) or (name, subdomains, mode); mode
-        defaults to "private".
+        defaults to "private". Domains added at runtime (source "api") are left alone, unless the
+        configuration now names one: then the configuration owns it.
         """
         now = time.time()
         names = {d[0] for d in domains}
@@ -162,10 +170,49 @@ class Store:
                     # unique name makes the second insert a no-op.
                     Domain.insert(name=name, subdomains=sub, mode=mode, active=True,
                                   created_at=now).on_conflict_ignore().execute()
-                elif (row.subdomains, row.mode, row.active) != (sub, mode, True):
-                    Domain.update(subdomains=sub, mode=mode, active=True).where(Domain.id == row.id).execute()
+                elif (row.subdomains, row.mode, row.active, row.source) != (sub, mode, True, "config"):
+                    Domain.update(subdomains=sub, mode=mode, active=True, source="config",
+                                  settings=None).where(Domain.id == row.id).execute()
             if names:
-                Domain.update(active=False).where(Domain.name.not_in(list(names))).execute()
+                Domain.update(active=False).where((Domain.source == "config")
+                                                  & Domain.name.not_in(list(names))).execute()
+
+    # -- domains added at runtime ---------------------------------------------
+
+    def runtime_domains(self) -> list[Domain]:
+        """Every domain an operator added (source "api"), disabled ones included."""
+        return list(Domain.select().where(Domain.source == "api").order_by(Domain.name))
+
+    def active_domain_names(self, names: list[str]) -> set[str]:
+        """Which of ``names`` are active domains now (one indexed look-up: a just-added one?)."""
+        return {n for (n,) in Domain.select(Domain.name).where(Domain.name.in_(names) & (Domain.active == True))  # noqa: E712
+                .tuples()} if names else set()
+
+    def domain(self, name: str) -> Domain | None:
+        return Domain.get_or_none(Domain.name == name)
+
+    def add_domain(self, name: str, subdomains: bool, mode: str, settings_json: str) -> Domain | None:
+        """A new runtime domain, or None when the name is taken (configured or added before).
+
+        A domain once configured and since removed from the configuration is
+        free: its row (and its mailboxes) become the runtime domain's.
+        """
+        fields = dict(subdomains=subdomains, mode=mode, active=True, source="api", settings=settings_json)
+        with self.db.atomic():
+            row = Domain.get_or_none(Domain.name == name)
+            if row is None:
+                Domain.insert(name=name, created_at=time.time(), **fields).on_conflict_ignore().execute()
+            elif row.source == "config" and not row.active:
+                Domain.update(**fields).where(Domain.id == row.id).execute()
+            else:
+                return None
+            return Domain.get_or_none(Domain.name == name)
+
+    def update_domain(self, name: str, **fields) -> Domain | None:
+        """Change a runtime domain (active, subdomains, mode, settings); None if there is none."""
+        with self.db.atomic():
+            updated = Domain.update(**fields).where((Domain.name == name) & (Domain.source == "api")).execute()
+            return Domain.get_or_none(Domain.name == name) if updated else None
 
     # -- ingest --------------------------------------------------------------
 
@@ -250,6 +297,9 @@ class Store:
         return found
 
     # -- reads ---------------------------------------------------------------
+
+    def all_domains(self) -> list[Domain]:
+        return list(Domain.select().order_by(Domain.name))
 
     def list_domains(self) -> list[Domain]:
         return list(Domain.select().where(Domain.active == True).order_by(Domain.name))  # noqa: E712

@@ -223,7 +223,7 @@ def deployed():
         POSTFIX_DIR.mkdir(exist_ok=True)
         (POSTFIX_DIR / "main.cf").write_text(
             (saved["main.cf"].decode() + "\n" if saved["main.cf"] else "") + ADMIN_MAIN_CF)
-        api_port, policy_port = free_port(), free_port()
+        api_port, policy_port, socketmap_port = free_port(), free_port(), free_port()
         dns_server = DNSTestServer(_dns_zone()).start()
         inventory = workdir / "inventory.ini"
         inventory.write_text("[mtasidecar]\n"
@@ -238,6 +238,7 @@ def deployed():
             "mtasidecar_api_port": api_port,
             # Not the default 10040: other things on a CI machine may use it.
             "mtasidecar_policy_listen": f"127.0.0.1:{policy_port}",
+            "mtasidecar_policy_socketmap": f"127.0.0.1:{socketmap_port}",
             "mtasidecar_package_src": str(_source_snapshot(workdir / "src")),
             "mtasidecar_wheel_build_dir": str(workdir / "wheel"),
             "mtasidecar_public_ipv4": PUBLIC_IPV4,

@@ -32,6 +32,7 @@ def svc():
     base = service_dir()
     service = start_service(base / "data", [PUBLIC], private=[PRIVATE], extra_env={
         "MTASIDECAR_POLICY_LISTEN": f"127.0.0.1:{free_port()}",
+        "MTASIDECAR_POLICY_SOCKETMAP": f"127.0.0.1:{free_port()}",
         "MTASIDECAR_POLICY_RATE_LIMIT": str(RATE_LIMIT),
         "MTASIDECAR_POLICY_RATE_WINDOW": str(RATE_WINDOW),
     })

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import secrets
 import re
 import time
 from datetime import datetime
@@ -358,7 +359,8 @@ def test_probing_every_path_with_every_method(tmp_path):
     env = make_env(tmp_path)
     env.deliver(eml(attachments=(("a.txt", "text/plain", b"a"),)))
     # An address nobody has: nothing gets deleted, and the event stream answers 404 instead of streaming.
-    values = {"address": "nobody@example.test", "message_id": NO_SUCH_ID, "index": "0", "webhook_id": NO_SUCH_ID}
+    values = {"address": "nobody@example.test", "message_id": NO_SUCH_ID, "index": "0", "webhook_id": NO_SUCH_ID,
+              "name": "nowhere.test"}
     for path, item in DOC["paths"].items():
         url = path.format(**{k: v for k, v in values.items() if "{" + k + "}" in path})
         documented = {m.upper() for m in METHODS if m in item}
@@ -509,6 +511,18 @@ def test_2xx_answers_validate(filled, quick_heartbeat):
     check("/healthz", "get", 200, "/healthz")
     check("/api/v1/openapi.json", "get", 200, "/api/v1/openapi.json")
     check("/api/v1/domains", "get", 200, "/api/v1/domains")
+
+    # Domains at runtime (operator).
+    doms = "/api/v1/admin/domains"
+    added = check(doms, "post", 201, doms, headers=operator,
+                  json={"name": "Runtime.Test.", "mode": "public", "subdomains": True, "max_ttl": 7200}).json
+    assert (added["name"], added["source"], added["settings"]["max_ttl"]) == ("runtime.test", "api", 7200)
+    listed = check(doms, "get", 200, doms, headers=operator).json["items"]
+    assert {d["name"]: d["source"] for d in listed}["example.test"] == "config"
+    check(doms + "/{name}", "get", 200, f"{doms}/example.test", headers=operator)
+    patched = check(doms + "/{name}", "patch", 200, f"{doms}/runtime.test", headers=operator,
+                    json={"active": False}).json
+    assert (patched["active"], patched["settings"]["max_ttl"]) == (False, 7200)
 
     # Mailboxes: created every way, read, extended, deleted.
     boxes = "/api/v1/mailboxes"
@@ -917,14 +931,20 @@ def test_blocked_attachment_403_is_documented(filled):
 def test_security_is_what_the_app_enforces(filled, quick_heartbeat):
     """Open operations answer without credentials; the others 401 without, and open with, theirs."""
     env = filled
-    values = {"message_id": env.ids["private"], "index": "0", "webhook_id": env.hook["id"]}
+    values = {"message_id": env.ids["private"], "index": "0", "webhook_id": env.hook["id"], "name": "security.test"}
+    env.request("POST", "/api/v1/admin/domains", json={"name": "security.test"},
+                headers={"Authorization": f"Bearer {OPERATOR}"})
     for path, method, op in operations():
         if method == "delete" or path.endswith("/events"):
             continue  # destructive / endless: their security is the same as their path's GET
         url = path.format(address=PRIVATE_BOX, **{k: v for k, v in values.items() if "{" + k + "}" in path})
         kw = {"json": {"seen": True} if "message_id" in path else {"ttl": 600}} if method == "patch" else {}
+        if path.endswith("{name}") and method == "patch":
+            kw = {"json": {"default_ttl": 900}}
         if method == "post":
             kw = {"json": {"url": env.receivers["ok"].url("/more")} if path == HOOKS else {}}
+            if path == "/api/v1/admin/domains":
+                kw = {"json": {"name": f"added-{secrets.token_hex(4)}.test"}}
         r = env.request(method.upper(), url, **kw)
         if not op["security"]:
             assert r.status_code < 400, (method, path, r.status_code)

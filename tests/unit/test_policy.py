@@ -746,7 +746,7 @@ def test_the_policy_command_serves_and_stops_on_sigterm(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTASIDECAR_")}
     env.update(MTASIDECAR_DATA_DIR=str(tmp_path), MTASIDECAR_DOMAINS="priv.test,public:pub.test",
-               MTASIDECAR_POLICY_LISTEN=f"127.0.0.1:{port}")
+               MTASIDECAR_POLICY_LISTEN=f"127.0.0.1:{port}", MTASIDECAR_POLICY_SOCKETMAP=f"127.0.0.1:{_free_port()}")
     proc = subprocess.Popen([sys.executable, "-m", "mtasidecar", "policy"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -75,8 +75,10 @@ class Doctor:
     def __init__(self, settings, domains: list[str], *, local_addresses=None, smtp=None,
                  postfix_dir: str = DEFAULT_POSTFIX_DIR, spool_max_files: int = DEFAULT_SPOOL_MAX_FILES,
                  spool_max_age: float = DEFAULT_SPOOL_MAX_AGE, resolver=None, timeout: float = 5.0,
-                 db_busy_timeout: float = 5.0):
+                 db_busy_timeout: float = 5.0, runtime_domains: dict | None = None):
         self.settings = settings
+        # name → DomainSettings of the domains added through the API (runtime_domains_of)
+        self.runtime_domains = runtime_domains or {}
         self.domains = [d.strip().rstrip(".").lower() for d in domains]
         self.local = set(local_addresses) if local_addresses is not None else local_addresses_of_host()
         self.local = {str(ipaddress.ip_address(a)) for a in self.local}
@@ -119,15 +121,20 @@ class Doctor:
 
     # -- configuration ------------------------------------------------------------
 
+    def domain(self, name: str):
+        """A configured domain, or one added at runtime."""
+        return self.settings.domain(name) or self.runtime_domains.get(name)
+
     def check_configured(self, domain: str) -> Result:
-        d = self.settings.domain(domain)
+        d = self.domain(domain)
         name = f"configured {domain}"
         if d is None:
             known = ", ".join(x.name for x in self.settings.domains) or "none"
             return Result(name, FAIL, f"{domain} is not in the [[domains]] of the settings (configured: {known})",
                           f"add [[domains]] name = \"{domain}\" to config.toml (or to mtasidecar_domains) "
                           "and restart the services")
-        return Result(name, OK, f"{domain}: {d.mode}" + (", subdomains too" if d.subdomains else ""))
+        return Result(name, OK, f"{domain}: {d.mode}" + (", subdomains too" if d.subdomains else "")
+                      + (" (added at runtime)" if self.settings.domain(domain) is None else ""))
 
     # -- DNS -------------------------------------------------------------------------
 
@@ -255,7 +262,7 @@ class Doctor:
         return out
 
     def check_wildcard_mx(self, domain: str) -> list[Result]:
-        d = self.settings.domain(domain)
+        d = self.domain(domain)
         name = f"wildcard MX *.{domain}"
         if d is None:
             return [Result(name, SKIP, f"{domain} is not configured")]
@@ -371,7 +378,7 @@ class Doctor:
     def check_policy(self, domain: str) -> Result:
         listen = self.settings.policy.listen
         name = f"policy service {domain}"
-        d = self.settings.domain(domain)
+        d = self.domain(domain)
         if not listen:
             status = FAIL if d is not None and d.mode == "private" else SKIP
             return Result(name, status, "no policy service configured ([policy] listen is empty)" +
@@ -714,9 +721,33 @@ def format_results(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def runtime_domains_of(settings) -> dict:
+    """The active domains added through the API, by name; {} when the database cannot say
+    (check_database reports why)."""
+    from .domains import from_row
+    from .store import Store
+    from .store.models import database as proxy
+    url = settings.database_url
+    if url.startswith(("sqlite://", "sqliteext://")) and not Path(url.split("://", 1)[1][1:]).exists():
+        return {}  # opening it would create it
+    previous = proxy.obj  # Store rebinds the models: put them back after
+    try:
+        store = Store(url)
+        try:
+            rows = [r for r in store.runtime_domains() if r.active]
+            return {r.name: d for r in rows if (d := from_row(settings, r)) is not None}
+        finally:
+            store.close()
+    except Exception:  # noqa: BLE001 - a missing or broken database is check_database's to report
+        return {}
+    finally:
+        proxy.initialize(previous)
+
+
 def command(settings, args) -> int:
     from .config import ConfigError, _parse_hostport
-    domains = args.domain or [d.name for d in settings.domains]
+    runtime = runtime_domains_of(settings)
+    domains = args.domain or [d.name for d in settings.domains] + sorted(runtime)
     if not domains:
         print("mtasidecar doctor: no domain to check: give --domain NAME or configure [[domains]]",
               file=sys.stderr)
@@ -733,7 +764,7 @@ def command(settings, args) -> int:
         return 2
     doctor = Doctor(settings, domains, local_addresses=local_addresses_of_host() | extra, smtp=smtp,
                     postfix_dir=args.postfix_dir, spool_max_files=args.spool_max_files,
-                    spool_max_age=args.spool_max_age)
+                    spool_max_age=args.spool_max_age, runtime_domains=runtime)
     results = doctor.run()
     ok = not any(r.status == FAIL for r in results)
     if args.json:

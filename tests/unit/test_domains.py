@@ -380,3 +380,26 @@ def test_rendered_postfix_settings_with_and_without_the_socketmap(tmp_path):
     assert main["virtual_mailbox_domains"] == "pcre:$config_directory/mtasidecar-domains.pcre"
     assert "/@/ " not in without[MAILBOXES_MAP]
     assert without[DOMAINS_MAP] == with_map[DOMAINS_MAP]
+
+
+# -- mtasidecar doctor ---------------------------------------------------------------------
+
+
+def test_doctor_knows_runtime_domains(env):
+    from mtasidecar.doctor import Doctor, runtime_domains_of
+    admin(env, "POST", json={"name": "rt.test", "mode": "public", "subdomains": True})
+    admin(env, "POST", json={"name": "off.test"})
+    admin(env, "PATCH", f"{ADMIN}/off.test", json={"active": False})
+    runtime = runtime_domains_of(env.settings)
+    assert sorted(runtime) == ["rt.test"]
+    doctor = Doctor(env.settings, ["rt.test", "off.test"], local_addresses=set(), runtime_domains=runtime)
+    ok, off = doctor.check_configured("rt.test"), doctor.check_configured("off.test")
+    assert ok.status == "ok" and "added at runtime" in ok.detail, ok
+    assert off.status == "fail", off
+
+
+def test_doctor_does_not_create_a_missing_database(tmp_path):
+    from mtasidecar.doctor import runtime_domains_of
+    settings = settings_for(tmp_path)
+    assert runtime_domains_of(settings) == {}
+    assert not (tmp_path / "data").exists()

@@ -196,7 +196,7 @@ class Policy:
         self.clients: OrderedDict[str, list] = OrderedDict()
         self._domains: dict[str, tuple[bool, str]] | None = None
         self._subdomains: dict[str, bool] = {}
-        self._disabled: dict[str, bool] = {}  # name → subdomains, of domains switched off
+        self._disabled: dict[str, bool] = {}  # name → subdomains, of runtime domains switched off
         self._domains_at = float("-inf")
         self._last_error_log = float("-inf")
         self._sql = self._mailbox_sql(db)
@@ -424,7 +424,10 @@ class Policy:
             else:
                 self._domains = {name: (bool(sub), mode) for name, sub, mode, _src, _settings, on in rows if on}
                 self._subdomains = {n: sub for n, (sub, _mode) in self._domains.items()}
-                self._disabled = {name: bool(sub) for name, sub, _mode, _src, _settings, on in rows if not on}
+                # Only runtime domains: a domain dropped from the configuration may be served by
+                # this Postfix for other mail now, which must not be refused in our name.
+                self._disabled = {name: bool(sub) for name, sub, _mode, source, _settings, on in rows
+                                  if not on and source == "api"}
                 self._spf_runtime = frozenset(name for name, _sub, _mode, source, settings, on in rows
                                               if on and source == "api" and _wants_spf_reject(settings))
             self._domains_at = now

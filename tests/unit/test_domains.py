@@ -261,6 +261,10 @@ def test_socketmap_look_ups(tmp_path, pstore):
     assert policy.socketmap("domain", "q7.rt.test") == "NOTFOUND "
     assert policy.check(attrs(recipient="a@q7.rt.test")) == P.DOMAIN_DISABLED
     assert policy.check(attrs(recipient="a@elsewhere.example")) == P.DUNNO
+    # A domain dropped from the configuration is left to Postfix (it may serve it otherwise now).
+    pstore.sync_domains([("priv.test", False, "private")])
+    clock.t += P.DOMAINS_TTL
+    assert policy.check(attrs(recipient="a@pub.test")) == P.DUNNO
 
 
 def test_socketmap_answers_temp_when_the_database_fails(pstore):

@@ -61,7 +61,16 @@ def aligned(domain: str | None, from_domain: str, mode: str) -> bool:
 
 
 def parse_record(txt: bytes) -> DmarcRecord | None:
-    """A DMARC1 TXT record, or None when it is not a usable one."""
+    """A DMARC1 TXT record, or None when it is not a usable one.
+
+    Cached on the record's bytes (a changed record is a new entry; the DNS
+    cache bounds how long the old one is seen): the same few domains send
+    most mail. Long records (chosen by senders) are not kept.
+    """
+    return _parse_record_cached(txt) if len(txt) <= 2048 else _parse_record(txt)
+
+
+def _parse_record(txt: bytes) -> DmarcRecord | None:
     if not _RECORD_START.match(txt):
         return None
     tags = _tags(txt.decode("ascii", "replace"))
@@ -78,6 +87,9 @@ def parse_record(txt: bytes) -> DmarcRecord | None:
     return DmarcRecord(p=p, sp=sp,
                        adkim="s" if tags.get("adkim") == "s" else "r",
                        aspf="s" if tags.get("aspf") == "s" else "r")
+
+
+_parse_record_cached = functools.lru_cache(maxsize=4096)(_parse_record)
 
 
 def _tags(text: str) -> dict[str, str]:

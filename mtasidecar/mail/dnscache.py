@@ -47,11 +47,12 @@ class DnsTempError(Exception):
 class _Flight:
     """A query in progress, which other threads asking the same thing wait for."""
 
-    __slots__ = ("done", "value", "error")
+    __slots__ = ("done", "value", "expires", "error")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.value: tuple = ()
+        self.expires = 0.0
         self.error: DnsTempError | None = None
 
 
@@ -87,6 +88,13 @@ class CachingResolver:
 
         deadline is a time.monotonic() value: the look-up gives up then.
         """
+        return self.lookup_expiring(name, rdtype, deadline)[0]
+
+    def lookup_expiring(self, name: str | bytes, rdtype: str,
+                        deadline: float | None = None) -> tuple[tuple, float]:
+        """(records, time.monotonic() when they stop being valid): `lookup`, plus
+        how long anything derived from the answer may be kept. An answer that
+        was not cached (e.g. a TTL of 0) expires at once."""
         key = (_normalise(name), rdtype.upper())
         while True:
             state, found = self._cached_or_join(key)
@@ -94,10 +102,21 @@ class CachingResolver:
                 return found
             if state == "lead":
                 return self._resolve_as_leader(key, found, deadline)
-            value = self._wait_for(found, deadline)
-            if value is not None:
-                return value
+            answer = self._wait_for(found, deadline)
+            if answer is not None:
+                return answer
             # The leader ran out of *its* budget; try again with ours.
+
+    def peek(self, name: str | bytes, rdtype: str) -> tuple[tuple, float] | None:
+        """(records, expiry) if an unexpired answer is cached, else None; never queries."""
+        key = (_normalise(name), rdtype.upper())
+        now = time.monotonic()
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is None or entry[0] <= now:
+                return None
+            self.hits += 1
+        return entry[1], entry[0]
 
     def txt(self, name: str | bytes, deadline: float | None = None) -> list[bytes]:
         """TXT records at `name`, each one's strings joined into one bytes value."""
@@ -123,7 +142,7 @@ class CachingResolver:
             entry = self._cache.get(key)
             if entry is not None and entry[0] > now:
                 self.hits += 1
-                return "hit", entry[1]
+                return "hit", (entry[1], entry[0])
             flight = self._inflight.get(key)
             if flight is not None:
                 return "wait", flight
@@ -131,12 +150,13 @@ class CachingResolver:
             flight = self._inflight[key] = _Flight()
             return "lead", flight
 
-    def _resolve_as_leader(self, key, flight: _Flight, deadline: float | None) -> tuple:
+    def _resolve_as_leader(self, key, flight: _Flight,
+                           deadline: float | None) -> tuple[tuple, float]:
         try:
             value, ttl = self._query(key, deadline)
-            self._store(key, value, ttl)
-            flight.value = value
-            return value
+            expires = self._store(key, value, ttl)
+            flight.value, flight.expires = value, expires
+            return value, expires
         except DnsTempError as exc:
             flight.error = exc
             raise
@@ -145,14 +165,14 @@ class CachingResolver:
                 self._inflight.pop(key, None)
             flight.done.set()
 
-    def _wait_for(self, flight: _Flight, deadline: float | None) -> tuple | None:
-        """The leader's answer; None means 'retry'. Raises DnsTempError."""
+    def _wait_for(self, flight: _Flight, deadline: float | None) -> tuple[tuple, float] | None:
+        """The leader's (answer, expiry); None means 'retry'. Raises DnsTempError."""
         if deadline is None:
             flight.done.wait()  # the leader's own query is bounded by its timeout
         elif not flight.done.wait(max(deadline - time.monotonic(), 0)):
             raise DnsTempError("DNS time budget spent", budget_limited=True)
         if flight.error is None:
-            return flight.value
+            return flight.value, flight.expires
         if flight.error.budget_limited:
             return None
         raise flight.error
@@ -190,13 +210,16 @@ class CachingResolver:
         ttl = min(answer.expiration - time.time(), self.max_ttl)
         return tuple(_value(rdata) for rdata in answer.rrset), ttl
 
-    def _store(self, key, value: tuple, ttl: float) -> None:
+    def _store(self, key, value: tuple, ttl: float) -> float:
+        """Cache the answer; its expiry (now when it is not cached)."""
+        now = time.monotonic()
         if ttl <= 0:
-            return
+            return now
         with self._lock:
             if len(self._cache) >= self.max_entries:
-                self._evict(time.monotonic())
-            self._cache[key] = (time.monotonic() + ttl, value)
+                self._evict(now)
+            self._cache[key] = (now + ttl, value)
+        return now + ttl
 
     def _evict(self, now: float) -> None:
         """Drop expired entries; if still full, the oldest quarter (insertion order)."""

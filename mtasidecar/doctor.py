@@ -329,7 +329,8 @@ class Doctor:
 
     def check_postfix(self) -> Result:
         from .mta.commands import rendered_for
-        from .mta.render import MAIN_CF, MAP_FILES, MASTER_CF, main_cf_settings, master_cf_entries
+        from .mta.render import MAIN_CF, MAP_FILES, MASTER_CF, MERGED_LISTS, list_contains, main_cf_settings, \
+            master_cf_entries
         name = "Postfix settings"
         fix = (f"mtasidecar postfix apply --config-dir {self.postfix_dir} && postfix reload "
                "(or run the playbook again)")
@@ -348,6 +349,8 @@ class Doctor:
         wrong = []
         for key, value in wanted.items():
             have = current.get(key)
+            if key in MERGED_LISTS and have is not None and list_contains(have, value):
+                continue  # our entry is in the administrator's list
             if have is None or _words(have) != _words(value):
                 wrong.append(f"{key} = {have if have is not None else '(unset)'} (want {value})")
         entries = master_cf_entries(rendered[MASTER_CF])

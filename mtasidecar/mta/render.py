@@ -334,17 +334,46 @@ def write_config(rendered: dict[str, str], config_dir: Path) -> list[Path]:
     return written
 
 
+# Lists where our entry joins an administrator's instead of replacing it: a
+# Postfix that also serves other mail keeps its own recipient checks.
+MERGED_LISTS = ("smtpd_recipient_restrictions",)
+
+
+def _list_words(value: str) -> str:
+    """A Postfix list with commas and whitespace normalised, padded for whole-word matching."""
+    return " " + " ".join(re.split(r"[\s,]+", value.strip())).strip() + " "
+
+
+def list_contains(current: str, ours: str) -> bool:
+    return _list_words(ours) in _list_words(current)
+
+
+def merge_list(current: str, ours: str) -> str:
+    """``ours`` in front of an administrator's list (our check refuses unknown addresses of
+    our domains and answers DUNNO for every other), added once."""
+    current = " ".join(current.split())  # postconf -e takes one line
+    if not current:
+        return ours
+    if list_contains(current, ours):
+        return current
+    return f"{ours}, {current}"
+
+
 def apply_config(rendered: dict[str, str], config_dir: Path) -> None:
     """Merge the rendered configuration into the Postfix in ``config_dir``.
 
     Writes the maps, sets main.cf settings with ``postconf -e`` and master.cf
     entries with ``postconf -M``; everything else in main.cf and master.cf is
-    kept. Run ``postfix reload`` afterwards for a running Postfix.
+    kept, and our entries join the lists in MERGED_LISTS. Run ``postfix
+    reload`` afterwards for a running Postfix.
     """
     config_dir = Path(config_dir)
     require_pcre(config_dir)
     write_config(rendered, config_dir)
     settings = main_cf_settings(rendered[MAIN_CF])
+    for name in MERGED_LISTS:
+        if name in settings:
+            settings[name] = merge_list(postconf(config_dir, "-nh", name), settings[name])
     postconf(config_dir, "-e", *(f"{name}={value}" for name, value in settings.items()))
     for key, entry in master_cf_entries(rendered[MASTER_CF]).items():
         postconf(config_dir, "-M", f"{key}={entry}")

@@ -333,6 +333,39 @@ def test_postfix_with_our_settings_passes(postfix_dir):
     assert result.status == D.OK, result
 
 
+def test_merge_list_puts_our_entry_in_front_once():
+    from mtasidecar.mta.render import list_contains, merge_list
+    ours = "check_policy_service inet:127.0.0.1:10040"
+    theirs = "permit_sasl_authenticated,\n  reject_unauth_destination, check_policy_service unix:private/policyd-spf"
+    merged = merge_list(theirs, ours)
+    assert merged.startswith(ours + ", ") and merged.endswith("unix:private/policyd-spf")
+    assert merge_list(merged, ours) == merged
+    assert merge_list("", ours) == ours
+    assert list_contains("permit_mynetworks check_policy_service  inet:127.0.0.1:10040", ours)
+    assert not list_contains("check_policy_service inet:127.0.0.1:100400", ours), "whole words only"
+
+
+@needs_postconf
+def test_apply_keeps_an_administrators_recipient_restrictions(tmp_path):
+    from mtasidecar.mta.commands import rendered_for
+    from mtasidecar.mta.render import apply_config, postconf
+    d = tmp_path / "postfix"
+    d.mkdir()
+    (d / "main.cf").write_text("smtpd_recipient_restrictions = permit_sasl_authenticated,\n"
+                               "    check_policy_service unix:private/policyd-spf\n")
+    (d / "master.cf").write_text("smtp      inet  n       -       y       -       -       smtpd\n")
+    settle(d)
+    settings = make_settings(tmp_path, policy={"listen": "127.0.0.1:10040"})
+    apply_config(rendered_for(settings, create_user=False), d)
+    want = ("check_policy_service inet:127.0.0.1:10040, permit_sasl_authenticated, "
+            "check_policy_service unix:private/policyd-spf")
+    assert " ".join(postconf(d, "-nh", "smtpd_recipient_restrictions").split()) == want
+    apply_config(rendered_for(settings, create_user=False), d)  # again: no second entry
+    assert " ".join(postconf(d, "-nh", "smtpd_recipient_restrictions").split()) == want
+    result = make_doctor(settings, postfix_dir=str(d)).check_postfix()
+    assert result.status == D.OK, result
+
+
 @needs_postconf
 def test_postfix_settings_changed_by_hand_fail(postfix_dir):
     settings, d = postfix_dir

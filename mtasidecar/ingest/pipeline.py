@@ -18,7 +18,7 @@ from pathlib import Path
 from ..mail.envelope import read_trace
 from ..mail.extract import extract
 from ..mail.blocklist import Blocklist
-from ..mail.parse import attachment_bytes, parse
+from ..mail.parse import attachment_data, parse
 from ..mail.parse import intro as make_intro
 from ..store import NewMessage, Store, compress
 from ..store.store import domain_of
@@ -139,17 +139,25 @@ class Quarantine:
         return domain_of(recipient.lower(), self.subdomains) in self.names
 
 
-def _mark_blocked(parsed, raw: bytes, blocked: Blocklist | None) -> dict[int, str]:
+def _mark_blocked(parsed, blocked: Blocklist | None) -> dict[int, str]:
     """index → reason for each attachment the blocklist refuses."""
     if blocked is None:
         return {}
     out = {}
     for a in parsed.attachments:
-        reason = blocked.reason(a.filename, a.content_type,
-                                lambda i=a.index: (attachment_bytes(raw, i) or (None, None))[1])
+        # A zip's bytes come from the parse already done, not a second one.
+        reason = blocked.reason(a.filename, a.content_type, lambda i=a.index: attachment_data(parsed, i))
         if reason:
             out[a.index] = reason
     return out
+
+
+def _encode_document(doc: dict) -> bytes:
+    return compress(json.dumps(doc, ensure_ascii=False, default=str).encode())
+
+
+def _compress_raw(raw: bytes) -> bytes:
+    return compress(raw)
 
 
 def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dict | None,
@@ -160,7 +168,7 @@ def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dic
     doc = _document(parsed, env, note)
     found = extract(parsed.subject, parsed.text, parsed.html)
     doc.update(found.to_dict())
-    refused = _mark_blocked(parsed, raw, blocked)
+    refused = _mark_blocked(parsed, blocked)
     for a in doc.get("attachments", []):
         a["blocked"] = refused.get(a["index"])
     quarantined = False
@@ -173,8 +181,8 @@ def _record(path: str, name: str, raw: bytes, received_at: float, env, auth: dic
         recipient=(recipient or UNROUTED).lower(),
         received_at=received_at,
         size=len(raw),
-        raw_z=compress(raw),
-        document_z=compress(json.dumps(doc, ensure_ascii=False, default=str).encode()),
+        raw_z=_compress_raw(raw),
+        document_z=_encode_document(doc),
         envelope_from=env.sender,
         from_name=first_from.name if first_from else "",
         from_address=first_from.address if first_from else "",

@@ -45,10 +45,12 @@ How it is put together:
 from __future__ import annotations
 
 import bisect
+import functools
 import html as _html
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 __all__ = ["Code", "Extracted", "Link", "extract"]
 
@@ -225,7 +227,17 @@ _COMMON_ENTITIES = (
     ("&nbsp;", " "), ("&#160;", " "), ("&#xa0;", " "), ("&zwnj;", ""), ("&#8204;", ""),
     ("&#847;", ""), ("&#8203;", ""), ("&zwj;", ""), ("&shy;", ""), ("&#173;", ""),
 )
-_INVISIBLE = re.compile("[\u00ad\u034f\u200b-\u200f\u2060\ufeff]")
+_INVISIBLE_CHARS = "\u00ad\u034f\u200b\u200c\u200d\u200e\u200f\u2060\ufeff"
+_INVISIBLE = re.compile(f"[{_INVISIBLE_CHARS}]")
+
+
+def _has_any(text: str, chars: str) -> bool:
+    """Whether ``text`` holds one of ``chars``: one str.find (memchr) each is several
+    times faster than a regex character class scanning the text."""
+    for char in chars:
+        if char in text:
+            return True
+    return False
 
 
 @dataclass(slots=True)
@@ -339,7 +351,7 @@ def _html_view(html: str) -> _View:
                 s = s.replace(entity, replacement)
         if "&" in s:
             s = _html.unescape(s)
-    if not s.isascii() and _INVISIBLE.search(s):
+    if not s.isascii() and _has_any(s, _INVISIBLE_CHARS):
         s = _INVISIBLE.sub("", s)
     # White space as a browser collapses it; block tags make the line breaks.
     s = " ".join(s.split())
@@ -780,10 +792,12 @@ class _Keywords:
         return proximity, keyword_start, penalty
 
 
-def _scan(view: _View, index: int, subject_has_keyword: bool, hits: dict[str, list[_Hit]]) -> None:
+def _scan(view: _View, index: int, subject_has_keyword: Callable[[], bool], hits: dict[str, list[_Hit]]) -> None:
     """Score the candidates of one view into ``hits`` (normalized value -> occurrences)."""
     text = view.text
-    if not text:
+    # Every candidate the loop below keeps has an ASCII digit (full-width ones
+    # are translated already): most texts have none, and the pattern is slow.
+    if not text or not _has_any(text, "0123456789"):
         return
     candidates = []
     for count, match in enumerate(_CANDIDATE.finditer(text)):
@@ -829,7 +843,7 @@ def _scan(view: _View, index: int, subject_has_keyword: bool, hits: dict[str, li
         wide = _Keywords(_find_keywords(low, _windows([c for c, _ in far], size, _FAR_BEFORE, _NEAR_AFTER)))
         scored.extend((candidate, wide.near(text, candidate[0], candidate[1])) for candidate, _ in far)
     for (start, end, kind, value, score), (proximity, keyword_start, penalty) in scored:
-        if proximity <= 0 and not subject_has_keyword:
+        if proximity <= 0 and not subject_has_keyword():
             continue  # no code word near it, none in the subject either
         score += proximity - penalty
         normalized = value.replace(" ", "").replace("-", "")
@@ -918,9 +932,13 @@ def _context(text: str, hit: _Hit) -> str:
 
 def _codes(views: list[_View]) -> list[Code]:
     subject = views[0].text if views and views[0].source == "subject" else ""
-    subject_has_keyword = bool(subject) and any(
-        kind != _ANTI for _, _, kind in _find_keywords(_lower(subject), [(0, len(subject))])
-    )
+
+    @functools.cache
+    def subject_has_keyword() -> bool:  # only asked for a candidate with no keyword near it
+        return bool(subject) and any(
+            kind != _ANTI for _, _, kind in _find_keywords(_lower(subject), [(0, len(subject))])
+        )
+
     hits: dict[str, list[_Hit]] = {}
     for index, view in enumerate(views):
         _scan(view, index, subject_has_keyword, hits)
@@ -954,11 +972,11 @@ def _as_str(value) -> str:
 
 # Full-width digits, letters and hyphen (CJK mails) read as ASCII, one character for one.
 _FULLWIDTH = {0xFF10 + i: 0x30 + i for i in range(10)} | {0xFF21 + i: 0x41 + i for i in range(26)} | {0xFF0D: 0x2D}
-_HAS_FULLWIDTH = re.compile("[\uff10-\uff19]")
+_FULLWIDTH_DIGITS = "".join(chr(0xFF10 + i) for i in range(10))
 
 
 def _ascii_digits(view: _View) -> _View:
-    if not view.text.isascii() and _HAS_FULLWIDTH.search(view.text):
+    if not view.text.isascii() and _has_any(view.text, _FULLWIDTH_DIGITS):
         view.text = view.text.translate(_FULLWIDTH)
     return view
 
@@ -975,7 +993,7 @@ def _extract(subject, text, html) -> Extracted:
     if text:
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if not text.isascii() and _INVISIBLE.search(text):
+        if not text.isascii() and _has_any(text, _INVISIBLE_CHARS):
             text = _INVISIBLE.sub("", text)
         views.append(_View("text", text))
     for view in views:

@@ -52,6 +52,7 @@ __all__ = [
     "ParsedMessage",
     "parse",
     "attachment_bytes",
+    "attachment_data",
     "intro",
     "decode_words",
 ]
@@ -142,6 +143,8 @@ class ParsedMessage:
     parse_error: str | None = None
     parser: str = "none"  # "flanker" | "email" | "none"
     defects: list[str] = field(default_factory=list)
+    # The attachments' leaves, for attachment_data(): not part of the view.
+    _leaves: list = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         """JSON-ready: lists and strings only, the date as ISO 8601."""
@@ -206,6 +209,15 @@ def attachment_bytes(raw: bytes, index: int) -> tuple[Attachment, bytes] | None:
     except Exception:  # pragma: no cover - bug guard, same as parse()
         log.exception("attachment_bytes: unexpected failure")
         return None
+
+
+def attachment_data(msg: ParsedMessage, index: int) -> bytes | None:
+    """``attachment_bytes(raw, index)[1]`` for the message ``msg`` was parsed from,
+    without parsing it again."""
+    if not 0 <= index < len(msg._leaves):
+        return None
+    leaf = msg._leaves[index]
+    return _decode_transfer(leaf.load(), leaf.cte, [])
 
 
 def intro(text: str, html: list[str], n: int = 120) -> str:
@@ -774,11 +786,18 @@ def _addresses(values: list[str]) -> list[Address]:
     flanker's address parser is strict (drops what it cannot validate) and
     ~5x slower; a disposable inbox wants to show whatever the sender wrote.
     """
+    return [Address(name, address) for name, address in _address_pairs(tuple(values))]
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_pairs(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    # Cached: the same To and From headers come again and again (a mailbox
+    # polled by a test suite, a service's sender), and getaddresses is slow.
     result = []
     for name, address in email.utils.getaddresses(values):
         if name or address:
-            result.append(Address(_clean_text(decode_words(name)).strip(), address.strip()))
-    return result
+            result.append((_clean_text(decode_words(name)).strip(), address.strip()))
+    return tuple(result)
 
 
 def _date(value: str, defects: list[str]) -> datetime | None:
@@ -807,6 +826,7 @@ def _fill_body(msg: ParsedMessage, leaves: list[_Leaf]) -> None:
         if leaf.role == "attachment":
             size = len(_decode_transfer(leaf.load(), leaf.cte, msg.defects))
             msg.attachments.append(_attachment(leaf, len(msg.attachments), size))
+            msg._leaves.append(leaf)
             continue
         data = _decode_transfer(leaf.load(), leaf.cte, msg.defects)
         body = _clean_text(_decode_text(data, leaf.params.get("charset"), msg.defects))
@@ -876,12 +896,20 @@ class _TextExtractor(HTMLParser):
             self.size += len(data)
 
 
-def _html_to_text(html: str, n: int, chunk: int = 8192) -> str:
-    """Feed the HTML in chunks and stop once there is enough text."""
+def _html_to_text(html: str, n: int, chunk: int = 512, max_chunk: int = 8192) -> str:
+    """Feed the HTML in chunks and stop once there is enough text.
+
+    HTMLParser is incremental, so the text is the same however the input is
+    cut; chunks start small (the visible text often starts early, and
+    HTMLParser costs ~40 µs per KB) and double up to ``max_chunk``.
+    """
     parser = _TextExtractor()
     try:
-        for start in range(0, len(html), chunk):
+        start = 0
+        while start < len(html):
             parser.feed(html[start : start + chunk])
+            start += chunk
+            chunk = min(chunk * 2, max_chunk)
             if parser.size >= n * 2 and len(_collapse("".join(parser.parts))) >= n:
                 break
         else:

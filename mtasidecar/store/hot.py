@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import peewee as pw
 
-from .models import Attachment, Domain, Mailbox, Message, MessageBody, Token
+from .models import Attachment, Domain, Mailbox, Message, MessageBody, Token, Webhook
+
+# SQLite caps bound variables per statement; stay well below.
+_IN_CHUNK = 500
 
 
 def _q(field: pw.Field) -> str:
@@ -45,8 +48,9 @@ class HotQueries:
                          f"FROM {_table(Mailbox)} x LEFT OUTER JOIN {_table(Domain)} d "
                          f"ON d.{_q(Domain.id)} = x.{_q(Mailbox.domain)} WHERE x.{_q(Mailbox.address)} = {p}")
         self._token = (f"SELECT {_q(Token.mailbox)} FROM {_table(Token)} WHERE {_q(Token.token_hash)} = {p}")
-        # Ingest: one INSERT text per table, values by position.
+        # Ingest: one statement text per table, values by position.
         self.message_fields = [f for f in Message._meta.sorted_fields if f is not Message.id]
+        self._message_defaults = [(f.name, f.default) for f in self.message_fields]
         self._insert_message = self._insert_sql(Message, self.message_fields)
         if db.returning_clause:  # PostgreSQL: ids come back through RETURNING
             self._insert_message += f" RETURNING {_q(Message.id)}"
@@ -54,26 +58,85 @@ class HotQueries:
                                                            MessageBody.document])
         self.attachment_fields = list(Attachment._meta.sorted_fields)
         self._insert_attachment = self._insert_sql(Attachment, self.attachment_fields)
+        self._bump_mailbox = (f"UPDATE {_table(Mailbox)} SET {_q(Mailbox.message_count)} = "
+                              f"{_q(Mailbox.message_count)} + {p}, {_q(Mailbox.bytes_used)} = "
+                              f"{_q(Mailbox.bytes_used)} + {p} WHERE {_q(Mailbox.id)} = {p}")
+        self._spool_ids = (f"SELECT {_q(Message.spool_name)}, {_q(Message.id)} FROM {_table(Message)} "
+                           f"WHERE {_q(Message.spool_name)} IN ")
+        self._webhooks = (f"SELECT {_q(Webhook.id)}, {_q(Webhook.mailbox)}, {_q(Webhook.url)} "
+                          f"FROM {_table(Webhook)} WHERE {_q(Webhook.mailbox)} IN ")
+        self._mailbox_ids = (f"SELECT {_q(Mailbox.address)}, {_q(Mailbox.id)} FROM {_table(Mailbox)} "
+                             f"WHERE {_q(Mailbox.address)} IN ")
 
     def _insert_sql(self, model, fields) -> str:
         cols = ", ".join(_q(f) for f in fields)
         return f"INSERT INTO {_table(model)} ({cols}) VALUES ({', '.join([self.db.param] * len(fields))})"
 
-    def insert_message(self, values: dict) -> int:
-        """Insert one message row (values by field name); its new id."""
-        params = [values.get(f.name, f.default) for f in self.message_fields]
-        cursor = self.db.execute_sql(self._insert_message, params)
-        return cursor.fetchone()[0] if self.db.returning_clause else cursor.lastrowid
+    def _in(self, n: int) -> str:
+        return "(" + ", ".join([self.db.param] * n) + ")"
+
+    # The ingest writes go through raw cursors (peewee's execute_sql costs
+    # more per statement than SQLite does); its exception wrapper keeps errors
+    # peewee's own, which the ingester retries on.
+
+    def message_row(self, values: dict) -> list:
+        """A message row for insert_messages from values by field name (defaults for the others)."""
+        return [values.get(name, default) for name, default in self._message_defaults]
+
+    def insert_messages(self, rows: list) -> list[int]:
+        """Insert message rows (see message_row), one statement each: their new ids, in order."""
+        ids = []
+        with pw.__exception_wrapper__:
+            cursor = self.db.cursor()
+            if self.db.returning_clause:
+                for row in rows:
+                    cursor.execute(self._insert_message, row)
+                    ids.append(cursor.fetchone()[0])
+            else:
+                for row in rows:
+                    cursor.execute(self._insert_message, row)
+                    ids.append(cursor.lastrowid)
+        return ids
 
     def insert_bodies(self, rows: list[tuple]) -> None:
         """(message id, raw, document) rows."""
         if rows:
-            self.db.cursor().executemany(self._insert_body, rows)
+            with pw.__exception_wrapper__:
+                self.db.cursor().executemany(self._insert_body, rows)
 
     def insert_attachments(self, rows: list[dict]) -> None:
         if rows:
-            self.db.cursor().executemany(self._insert_attachment,
-                                         [[r.get(f.name) for f in self.attachment_fields] for r in rows])
+            with pw.__exception_wrapper__:
+                self.db.cursor().executemany(self._insert_attachment,
+                                             [[r.get(f.name) for f in self.attachment_fields] for r in rows])
+
+    def bump_mailboxes(self, rows: list[tuple[int, int, int]]) -> None:
+        """(messages added, bytes added, mailbox id) rows."""
+        if rows:
+            with pw.__exception_wrapper__:
+                self.db.cursor().executemany(self._bump_mailbox, rows)
+
+    def _where_in(self, head: str, keys: list) -> list[tuple]:
+        out: list[tuple] = []
+        with pw.__exception_wrapper__:
+            cursor = self.db.cursor()
+            for i in range(0, len(keys), _IN_CHUNK):
+                part = keys[i:i + _IN_CHUNK]
+                cursor.execute(head + self._in(len(part)), part)
+                out += cursor.fetchall()
+        return out
+
+    def spool_ids(self, names: list[str]) -> dict[str, int]:
+        """spool name → message id, for the names already stored."""
+        return dict(self._where_in(self._spool_ids, names))
+
+    def mailbox_ids(self, addresses: list[str]) -> dict[str, int]:
+        """address → mailbox id, for the mailboxes that exist."""
+        return dict(self._where_in(self._mailbox_ids, addresses))
+
+    def webhooks_of(self, mailbox_ids: list[int]) -> list[tuple[int, int, str]]:
+        """(webhook id, mailbox id, url) of these mailboxes' webhooks."""
+        return self._where_in(self._webhooks, mailbox_ids)
 
     def _rows(self, sql: str, params) -> list[tuple]:
         return self.db.execute_sql(sql, params).fetchall()

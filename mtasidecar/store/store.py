@@ -24,10 +24,6 @@ def fn_exists(query):
     return pw.fn.EXISTS(query)
 
 
-# SQLite caps bound variables per statement; stay well below.
-_IN_CHUNK = 500
-
-
 @dataclass(slots=True)
 class NewMessage:
     """One spool file, prepared for storage by the ingest pipeline."""
@@ -225,29 +221,32 @@ class Store:
         """
         if not items:
             return {}
+        # Statements go through precompiled SQL (store/hot.py): building them
+        # with peewee cost more than SQLite takes to run them.
+        sql = self._sql
         with self.db.atomic():
-            done = self._existing_ids([m.spool_name for m in items])
+            done = sql.spool_ids([m.spool_name for m in items])
             fresh = [m for m in items if m.spool_name not in done]
             # Two files can carry the same spool name only if the caller
             # passed one twice; keep the first.
             seen: set[str] = set()
             fresh = [m for m in fresh if not (m.spool_name in seen or seen.add(m.spool_name))]
             mailbox_ids = self._mailboxes_for({m.recipient for m in fresh})
+            ids = sql.insert_messages([sql.message_row(dict(
+                mailbox=mailbox_ids[m.recipient], spool_name=m.spool_name, received_at=m.received_at,
+                envelope_from=m.envelope_from, envelope_to=m.recipient,
+                from_name=m.from_name, from_address=m.from_address,
+                to_json=json.dumps(m.to, ensure_ascii=False), subject=m.subject, intro=m.intro,
+                message_id=m.message_id, size=m.size, has_attachments=bool(m.attachments),
+                seen=False, parse_error=m.parse_error, spf=m.spf, dmarc=m.dmarc,
+                authenticated=m.authenticated, quarantined=m.quarantined,
+                has_code=m.has_code, has_link=m.has_link,
+            )) for m in fresh])
             counts: dict[int, list[int]] = {}
             stored: list[tuple[int, int]] = []  # (message id, mailbox id): webhook events
             bodies, attachments = [], []
-            for m in fresh:
+            for m, msg_id in zip(fresh, ids):
                 mb = mailbox_ids[m.recipient]
-                msg_id = self._sql.insert_message(dict(
-                    mailbox=mb, spool_name=m.spool_name, received_at=m.received_at,
-                    envelope_from=m.envelope_from, envelope_to=m.recipient,
-                    from_name=m.from_name, from_address=m.from_address,
-                    to_json=json.dumps(m.to, ensure_ascii=False), subject=m.subject, intro=m.intro,
-                    message_id=m.message_id, size=m.size, has_attachments=bool(m.attachments),
-                    seen=False, parse_error=m.parse_error, spf=m.spf, dmarc=m.dmarc,
-                    authenticated=m.authenticated, quarantined=m.quarantined,
-                    has_code=m.has_code, has_link=m.has_link,
-                ))
                 bodies.append((msg_id, m.raw_z, m.document_z))
                 attachments.extend(dict(a, message=msg_id) for a in m.attachments)
                 done[m.spool_name] = msg_id
@@ -258,26 +257,15 @@ class Store:
                 c = counts.setdefault(mb, [0, 0])
                 c[0] += 1
                 c[1] += m.size
-            self._sql.insert_bodies(bodies)
-            self._sql.insert_attachments(attachments)
-            for mb, (n, size) in counts.items():
-                Mailbox.update(message_count=Mailbox.message_count + n,
-                               bytes_used=Mailbox.bytes_used + size).where(Mailbox.id == mb).execute()
+            sql.insert_bodies(bodies)
+            sql.insert_attachments(attachments)
+            sql.bump_mailboxes([(n, size, mb) for mb, (n, size) in counts.items()])
             self._queue_webhook_events(stored)  # the outbox: same transaction as the messages
         return done
 
-    def _existing_ids(self, names: list[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for i in range(0, len(names), _IN_CHUNK):
-            q = (Message.select(Message.spool_name, Message.id)
-                 .where(Message.spool_name.in_(names[i:i + _IN_CHUNK])).tuples())
-            out.update(q)
-        return out
-
     def _mailboxes_for(self, addresses: set[str]) -> dict[str, int]:
         """Ids of the mailboxes for these addresses, creating missing ones."""
-        found = dict(Mailbox.select(Mailbox.address, Mailbox.id)
-                     .where(Mailbox.address.in_(list(addresses))).tuples()) if addresses else {}
+        found = self._sql.mailbox_ids(list(addresses))
         missing = addresses - set(found)
         if missing:
             domains = {d.name: (d.id, d.subdomains, d.mode) for d in Domain.select()}
@@ -557,11 +545,8 @@ class Store:
         if not stored:
             return
         hooks: dict[int, list[tuple[int | None, str]]] = {}
-        mailbox_ids = list({mb for _msg, mb in stored})
-        for i in range(0, len(mailbox_ids), _IN_CHUNK):
-            for wid, mb, url in (Webhook.select(Webhook.id, Webhook.mailbox, Webhook.url)
-                                 .where(Webhook.mailbox.in_(mailbox_ids[i:i + _IN_CHUNK])).tuples()):
-                hooks.setdefault(mb, []).append((wid, url))
+        for wid, mb, url in self._sql.webhooks_of(list({mb for _msg, mb in stored})):
+            hooks.setdefault(mb, []).append((wid, url))
         extra = [(None, self.operator_webhook_url)] if self.operator_webhook_url else []
         now = time.time()
         rows = [{"webhook": wid, "mailbox": mb, "message_id": msg, "url": url, "status": "pending",

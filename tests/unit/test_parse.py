@@ -20,6 +20,7 @@ from mtasidecar.mail.parse import (
     Attachment,
     ParsedMessage,
     attachment_bytes,
+    attachment_data,
     decode_words,
     intro,
     parse,
@@ -46,7 +47,7 @@ def single(content_type: bytes | None, body: bytes, cte: bytes | None = b"8bit")
 
 
 def assert_consistent(raw: bytes, parsed: ParsedMessage) -> None:
-    """JSON-ready, storable as UTF-8, and attachment_bytes agrees with parse."""
+    """JSON-ready, storable as UTF-8, and attachment_bytes (and attachment_data) agree with parse."""
     encoded = json.dumps(parsed.to_dict(), ensure_ascii=False).encode("utf-8")
     assert b"\\u0000" not in encoded
     for attachment in parsed.attachments:
@@ -55,7 +56,10 @@ def assert_consistent(raw: bytes, parsed: ParsedMessage) -> None:
         meta, data = got
         assert meta == attachment
         assert len(data) == attachment.size
+        assert attachment_data(parsed, attachment.index) == data
     assert attachment_bytes(raw, len(parsed.attachments)) is None
+    assert attachment_data(parsed, len(parsed.attachments)) is None
+    assert attachment_data(parsed, -1) is None
 
 
 # --------------------------------------------------------------------------
@@ -345,6 +349,29 @@ def test_intro():
     assert intro("", ["<html><head><title>unclosed<body><p>shown</p>"]) == "shown"
     long_html = ["<p>" + "word " * 10000 + "</p>"]
     assert intro("", long_html, n=20) == "word word word word "[:20]
+
+
+def test_intro_from_html_does_not_depend_on_how_it_is_fed():
+    """The HTML goes to HTMLParser in growing chunks: any cut gives the same intro."""
+    rnd = random.Random(3)
+    tokens = ["&amp;", "&nbsp;", "&#8203;", "&#x41;", "&", "&am", "<", ">", "<b>", "</b>", "<p>", "<!-- c -->",
+              "<script>x<y</script>", "<style>a{}</style>", "<head><title>t</title></head>", "<body>", " ", "\n",
+              "word", "Grüße", "<br/>", "<a href='x'>", "&lt;", "</", "<!", "<?x?>", "&copy", "&#", "&#12",
+              "<![CDATA[x]]>"]
+    for _ in range(200):
+        html = "".join(rnd.choice(tokens) for _ in range(rnd.randint(5, 400)))
+        whole = parse_module._html_to_text(html, 120, chunk=10**9)[:120]
+        for chunk in (1, 7, 64):
+            assert parse_module._html_to_text(html, 120, chunk=chunk, max_chunk=chunk)[:120] == whole, html
+        assert intro("", [html]) == whole
+
+
+def test_cached_addresses_are_not_shared():
+    raw = single(b"text/plain", b"hi").replace(b"From: a@example.org", b"From: A <a@example.org>")
+    one, two = parse(raw), parse(raw)
+    assert one.from_ == two.from_ == [Address("A", "a@example.org")]
+    one.from_[0].name = "changed"
+    assert two.from_[0].name == "A" and parse(raw).from_[0].name == "A"
 
 
 def attachments_message() -> bytes:

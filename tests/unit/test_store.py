@@ -78,6 +78,37 @@ def test_ingest_batch(store, maildir):
     assert detail["envelope_to"] == "a@example.test"
 
 
+def test_ingest_many_mailboxes_and_names_in_one_batch(store, maildir):
+    """More spool names and recipients than one IN (...) list takes: counters stay exact."""
+    import mtasidecar.store.hot as hot
+
+    raws = [eml(f"box{i % 7}@example.test", f"m{i}") for i in range(30)]
+    batch = prepared(maildir, *raws)
+    old = hot._IN_CHUNK
+    hot._IN_CHUNK = 4
+    try:
+        ids = store.ingest([p.record for p in batch[:20]])
+        again = store.ingest([p.record for p in batch])  # 20 known, 10 new
+    finally:
+        hot._IN_CHUNK = old
+    assert {k: again[k] for k in ids} == ids and len(again) == 30
+    for i in range(7):
+        box = store.mailbox(f"box{i}@example.test")
+        mine = [raw for j, raw in enumerate(raws) if j % 7 == i]
+        assert (box.message_count, box.bytes_used) == (len(mine), sum(map(len, mine)))
+
+
+def test_ingest_errors_are_peewee_errors(store, maildir):
+    """The ingester retries a batch on pw.PeeweeException: the raw-cursor writes raise those too."""
+    import peewee as pw
+
+    (p,) = prepared(maildir, eml("a@example.test", "x"))
+    store.db.execute_sql('DROP TABLE "message_body"')
+    with pytest.raises(pw.PeeweeException):
+        store.ingest([p.record])
+    assert store.count_messages() == 0  # rolled back
+
+
 def test_empty_batch(store):
     assert store.ingest([]) == {}
     assert store.count_messages() == 0

@@ -11,6 +11,8 @@ so the figures follow the code; "other" is what the wrappers do not cover.
   --n N         messages (default 3000)
   --repeat R    runs; per stage the fastest run is reported (default 3)
   --cprofile    also run once under cProfile and print the top functions
+  --chunk C     files per prepare/commit batch (default: the ingester's CHUNK;
+                1 shows what a message costs when mail trickles in one by one)
 """
 
 from __future__ import annotations
@@ -144,12 +146,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--chunk", type=int, default=ingest_maildir.CHUNK)
     ap.add_argument("--top", type=int, default=35)
     args = ap.parse_args(argv)
+    globals()["CHUNK"] = args.chunk  # read by run_once
 
     msgs = C.corpus(args.n, seed=args.seed, size=args.size)
     n = len(msgs)
-    print(f"corpus: {n} messages, mean {sum(map(len, msgs)) / n:.0f} bytes; chunks of {CHUNK}; "
+    print(f"corpus: {n} messages, mean {sum(map(len, msgs)) / n:.0f} bytes; chunks of {args.chunk}; "
           f"sender checks off; pid {os.getpid()}")
     best: dict[str, float] = {}
     for r in range(args.repeat):

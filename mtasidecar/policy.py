@@ -104,7 +104,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .socketmap import SocketmapProtocol
+from .socketmap import SocketmapProtocol, TrackedProtocol
 from .store.models import Domain, Mailbox, Token
 from .store.store import candidate_domains, domain_of
 
@@ -477,7 +477,7 @@ def _wants_spf_reject(settings_json: str | None) -> bool:
 # -- the protocol ----------------------------------------------------------------
 
 
-class PolicyProtocol(asyncio.Protocol):
+class PolicyProtocol(TrackedProtocol):
     """One client connection: any number of requests, answered in order.
 
     A line that is not ``name=value`` makes its request malformed (answered
@@ -492,24 +492,14 @@ class PolicyProtocol(asyncio.Protocol):
     """
 
     def __init__(self, policy: Policy, connections: set | None = None):
+        super().__init__(connections)
         self.policy = policy
-        self.connections = connections
-        self.transport = None
         self.buffer = b""
         self.attrs: dict[str, str] = {}
         self.size = 0
         self.bad = False
         self.waiting = False  # an SPF check is running for the oldest unanswered request
         self.backlog: collections.deque[dict | None] = collections.deque()  # None: malformed
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        if self.connections is not None:
-            self.connections.add(self)
-
-    def connection_lost(self, exc) -> None:
-        if self.connections is not None:
-            self.connections.discard(self)
 
     def pause_writing(self) -> None:  # the client does not read its answers
         self.transport.pause_reading()

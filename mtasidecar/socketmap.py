@@ -40,14 +40,13 @@ def netstring(text: str) -> bytes:
     return b"%d:%s," % (len(data), data)
 
 
-class SocketmapProtocol(asyncio.Protocol):
-    """One Postfix client; ``lookup(name, key) -> reply`` ("OK value", "NOTFOUND ", "TEMP why")."""
+class TrackedProtocol(asyncio.Protocol):
+    """A connection that keeps itself in its server's ``connections`` set while open
+    (the server closes them all when it stops)."""
 
-    def __init__(self, lookup: Callable[[str, str], str], connections: set | None = None):
-        self.lookup = lookup
+    def __init__(self, connections: set | None = None):
         self.connections = connections
         self.transport = None
-        self.buffer = b""
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -57,6 +56,15 @@ class SocketmapProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self.connections is not None:
             self.connections.discard(self)
+
+
+class SocketmapProtocol(TrackedProtocol):
+    """One Postfix client; ``lookup(name, key) -> reply`` ("OK value", "NOTFOUND ", "TEMP why")."""
+
+    def __init__(self, lookup: Callable[[str, str], str], connections: set | None = None):
+        super().__init__(connections)
+        self.lookup = lookup
+        self.buffer = b""
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer + data

@@ -169,13 +169,22 @@ def service_dir(prefix: str = "mtasidecar-test-") -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def service():
-    """The whole service (private Postfix, ingester, gunicorn) for a module's tests."""
+@contextlib.contextmanager
+def running_service(domains: list[str], extra_env: dict | None = None, private: list[str] = ()):
+    """start_service in a fresh service_dir; stopped and removed on the way out."""
     base = service_dir()
-    svc = start_service(base / "data", ["example.test", "*.sub.test"])
+    svc = start_service(base / "data", domains, extra_env, private)
     try:
         yield svc
     finally:
-        stop_service(svc)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            stop_service(svc)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def service():
+    """The whole service (private Postfix, ingester, gunicorn) for a module's tests."""
+    with running_service(["example.test", "*.sub.test"]) as svc:
+        yield svc

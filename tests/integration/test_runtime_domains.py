@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import smtplib
 from email.message import EmailMessage
 
 import pytest
 
-from tests.conftest import service_dir, start_service, stop_service, wait_for
+from tests.conftest import running_service, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,15 +28,8 @@ _source_ips = (f"127.0.0.{i}" for i in itertools.count(40))
 
 @pytest.fixture(scope="module")
 def svc():
-    base = service_dir()
-    service = start_service(base / "data", [CONFIGURED], extra_env={"MTASIDECAR_API_OPERATOR_TOKEN": OPERATOR})
-    try:
+    with running_service([CONFIGURED], {"MTASIDECAR_API_OPERATOR_TOKEN": OPERATOR}) as service:
         yield service
-    finally:
-        try:
-            stop_service(service)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def api(svc, method: str, path: str, body: dict | None = None, token: str | None = OPERATOR):

@@ -38,11 +38,16 @@ def settings_for(tmp_path, **env):
     return load(environ=environ)
 
 
+def make_store(path, domains: list[tuple]) -> Store:
+    s = Store(f"sqlite:///{path}")
+    s.setup()
+    s.sync_domains(domains)
+    return s
+
+
 @pytest.fixture
 def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'd.db'}")
-    s.setup()
-    s.sync_domains([("conf.test", False, "private"), ("wide.test", True, "private")])
+    s = make_store(tmp_path / "d.db", [("conf.test", False, "private"), ("wide.test", True, "private")])
     yield s
     s.close()
 
@@ -235,9 +240,7 @@ def test_the_sweeper_applies_a_runtime_domains_retention(env):
 
 @pytest.fixture
 def pstore(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'p.db'}")
-    s.setup()
-    s.sync_domains([("priv.test", False, "private"), ("pub.test", True, "public")])
+    s = make_store(tmp_path / "p.db", [("priv.test", False, "private"), ("pub.test", True, "public")])
     yield s
     s.close()
 

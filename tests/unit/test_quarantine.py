@@ -371,6 +371,40 @@ def test_ingester_workers_quarantine(tmp_path, dns_server):
     assert flags == {f"m{i}": bool(i % 2) for i in range(n)}
 
 
+def test_a_runtime_domain_added_while_the_ingester_runs_quarantines(tmp_path, dns_server):
+    """The ingester asks the DomainRegistry per batch (as `mtasidecar ingest` wires it), inline and in workers."""
+    from mtasidecar.domains import DomainRegistry, settings_json
+    env = make_env(tmp_path, MTASIDECAR_DOMAINS=json.dumps(DOMAINS))
+    registry = DomainRegistry(env.settings, env.store)
+    auth_config = {"servers": [dns_server.address], "timeout": 2.0, "budget": 5.0, "hostname": "mx.example.test"}
+    ingester = Ingester(env.store, env.maildir, workers=1, rescan_interval=60, auth=auth_config,
+                        domains=lambda: registry.snapshot().auth_failure_map())
+    thread = threading.Thread(target=ingester.run, daemon=True)
+    thread.start()
+    try:
+        domain = env.settings.runtime_domain({"name": "rtq.test", "mode": "public", "auth_failure": "quarantine"})
+        env.store.add_domain(domain.name, domain.subdomains, domain.mode, settings_json(domain))
+        n = 12  # one file first (inline), then more than INLINE_MAX at once (the worker)
+        for i in range(n):
+            raw = mail(f"w{i}@rtq.test", "a@spffail.test" if i % 2 else "a@origin.test", subject=f"m{i}")
+            (env.maildir / "tmp" / "x").write_bytes(raw)
+            (env.maildir / "tmp" / "x").rename(env.maildir / "new" / f"{BASE_TIME + i}.M{i}P8Q{i}.mx.example.test")
+            if i == 0:
+                deadline = time.monotonic() + 60
+                while Message.select().count() < 1:
+                    assert time.monotonic() < deadline, "the ingester did not store the first file"
+                    time.sleep(0.05)
+        deadline = time.monotonic() + 60
+        while Message.select().count() < n:
+            assert time.monotonic() < deadline, "the ingester did not store the files"
+            time.sleep(0.1)
+    finally:
+        ingester.stop()
+        thread.join(30)
+    flags = {m.subject: m.quarantined for m in Message.select()}
+    assert flags == {f"m{i}": bool(i % 2) for i in range(n)}
+
+
 # -- settings ----------------------------------------------------------------------------
 
 def _load(**env) -> object:

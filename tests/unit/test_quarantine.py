@@ -13,6 +13,7 @@ by id; and that the ingester's worker processes get the per-domain settings.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -30,6 +31,7 @@ from mtasidecar.ingest.pipeline import Quarantine, prepare_many, sender_failed
 from mtasidecar.mail.auth import Authenticator
 from mtasidecar.store import MessageFilter
 from mtasidecar.store.models import Delivery, Message
+from tests.conftest import wait_for
 from tests.dnsserver import DNSTestServer
 from tests.unit.test_api import BASE_TIME, make_env, trace
 
@@ -348,27 +350,42 @@ def test_mailtm_lists_hide_quarantined_but_the_message_opens(env, deliver, monke
 
 # -- the ingester's worker processes get the per-domain settings ------------------------------
 
+@contextlib.contextmanager
+def running_ingester(env, dns_server, domains):
+    """The real Ingester (one worker process, sender checks against ``dns_server``) in a thread."""
+    auth_config = {"servers": [dns_server.address], "timeout": 2.0, "budget": 5.0, "hostname": "mx.example.test"}
+    ingester = Ingester(env.store, env.maildir, workers=1, rescan_interval=60, auth=auth_config, domains=domains)
+    thread = threading.Thread(target=ingester.run, daemon=True)
+    thread.start()
+    try:
+        yield ingester
+    finally:
+        ingester.stop()
+        thread.join(30)
+
+
+def half_failing(domain: str, i: int) -> bytes:
+    """Message m<i> to w<i>@domain: odd ones from a sender whose SPF fails."""
+    return mail(f"w{i}@{domain}", "a@spffail.test" if i % 2 else "a@origin.test", subject=f"m{i}")
+
+
+def stored(n: int) -> bool:
+    return Message.select().count() >= n
+
+
+def assert_odd_ones_quarantined(n: int) -> None:
+    flags = {m.subject: m.quarantined for m in Message.select()}
+    assert flags == {f"m{i}": bool(i % 2) for i in range(n)}
+
+
 def test_ingester_workers_quarantine(tmp_path, dns_server):
     env = make_env(tmp_path, MTASIDECAR_DOMAINS=json.dumps(DOMAINS))
     n = 12  # more than INLINE_MAX: prepared in the worker process
     for i in range(n):
-        raw = mail(f"w{i}@quar.test", "a@spffail.test" if i % 2 else "a@origin.test", subject=f"m{i}")
-        (env.maildir / "new" / f"{BASE_TIME + i}.M{i}P9Q{i}.mx.example.test").write_bytes(raw)
-    auth_config = {"servers": [dns_server.address], "timeout": 2.0, "budget": 5.0, "hostname": "mx.example.test"}
-    ingester = Ingester(env.store, env.maildir, workers=1, rescan_interval=60, auth=auth_config,
-                        domains=env.settings.auth_failure_domains())
-    thread = threading.Thread(target=ingester.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while Message.select().count() < n:
-            assert time.monotonic() < deadline, "the ingester did not store the files"
-            time.sleep(0.1)
-    finally:
-        ingester.stop()
-        thread.join(30)
-    flags = {m.subject: m.quarantined for m in Message.select()}
-    assert flags == {f"m{i}": bool(i % 2) for i in range(n)}
+        (env.maildir / "new" / f"{BASE_TIME + i}.M{i}P9Q{i}.mx.example.test").write_bytes(half_failing("quar.test", i))
+    with running_ingester(env, dns_server, env.settings.auth_failure_domains()):
+        wait_for(lambda: stored(n), 60, 0.1, "the ingester to store the files")
+    assert_odd_ones_quarantined(n)
 
 
 def test_a_runtime_domain_added_while_the_ingester_runs_quarantines(tmp_path, dns_server):
@@ -376,33 +393,17 @@ def test_a_runtime_domain_added_while_the_ingester_runs_quarantines(tmp_path, dn
     from mtasidecar.domains import DomainRegistry, settings_json
     env = make_env(tmp_path, MTASIDECAR_DOMAINS=json.dumps(DOMAINS))
     registry = DomainRegistry(env.settings, env.store)
-    auth_config = {"servers": [dns_server.address], "timeout": 2.0, "budget": 5.0, "hostname": "mx.example.test"}
-    ingester = Ingester(env.store, env.maildir, workers=1, rescan_interval=60, auth=auth_config,
-                        domains=lambda: registry.snapshot().auth_failure_map())
-    thread = threading.Thread(target=ingester.run, daemon=True)
-    thread.start()
-    try:
+    with running_ingester(env, dns_server, lambda: registry.snapshot().auth_failure_map()):
         domain = env.settings.runtime_domain({"name": "rtq.test", "mode": "public", "auth_failure": "quarantine"})
         env.store.add_domain(domain.name, domain.subdomains, domain.mode, settings_json(domain))
         n = 12  # one file first (inline), then more than INLINE_MAX at once (the worker)
         for i in range(n):
-            raw = mail(f"w{i}@rtq.test", "a@spffail.test" if i % 2 else "a@origin.test", subject=f"m{i}")
-            (env.maildir / "tmp" / "x").write_bytes(raw)
+            (env.maildir / "tmp" / "x").write_bytes(half_failing("rtq.test", i))
             (env.maildir / "tmp" / "x").rename(env.maildir / "new" / f"{BASE_TIME + i}.M{i}P8Q{i}.mx.example.test")
             if i == 0:
-                deadline = time.monotonic() + 60
-                while Message.select().count() < 1:
-                    assert time.monotonic() < deadline, "the ingester did not store the first file"
-                    time.sleep(0.05)
-        deadline = time.monotonic() + 60
-        while Message.select().count() < n:
-            assert time.monotonic() < deadline, "the ingester did not store the files"
-            time.sleep(0.1)
-    finally:
-        ingester.stop()
-        thread.join(30)
-    flags = {m.subject: m.quarantined for m in Message.select()}
-    assert flags == {f"m{i}": bool(i % 2) for i in range(n)}
+                wait_for(lambda: stored(1), 60, 0.05, "the ingester to store the first file")
+        wait_for(lambda: stored(n), 60, 0.1, "the ingester to store the files")
+    assert_odd_ones_quarantined(n)
 
 
 # -- settings ----------------------------------------------------------------------------

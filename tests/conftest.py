@@ -170,16 +170,30 @@ def service_dir(prefix: str = "mtasidecar-test-") -> Path:
 
 
 @contextlib.contextmanager
-def running_service(domains: list[str], extra_env: dict | None = None, private: list[str] = ()):
-    """start_service in a fresh service_dir; stopped and removed on the way out."""
-    base = service_dir()
-    svc = start_service(base / "data", domains, extra_env, private)
+def running_service(domains: list[str], extra_env: dict | None = None, private: list[str] = (), *,
+                    prefix: str = "mtasidecar-test-", keep_log_in: Path | None = None):
+    """start_service in a fresh service_dir: always stopped (Postfix included) and removed.
+
+    ``keep_log_in``: a directory where the service's and Postfix's logs are
+    copied first, for post-mortems.
+    """
+    base = service_dir(prefix)
+    data_dir = base / "data"
+    try:
+        svc = start_service(data_dir, domains, extra_env, private)
+    except BaseException:  # start_service has stopped what it started
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     try:
         yield svc
     finally:
         try:
             stop_service(svc)
         finally:
+            if keep_log_in is not None:
+                for log in [base / "data-dev.log", data_dir / "postfix" / "postfix.log"]:
+                    if log.exists():
+                        shutil.copy(log, keep_log_in / log.name)
             shutil.rmtree(base, ignore_errors=True)
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 from pathlib import Path
 
-from tests.conftest import service_dir, start_service, stop_service
+from tests import conftest
+from tests.conftest import service_dir
 
 
 def passable_dir(prefix: str = "mtasidecar-it-") -> Path:
@@ -18,30 +18,10 @@ def passable_dir(prefix: str = "mtasidecar-it-") -> Path:
 
 @contextlib.contextmanager
 def running_service(domains: list[str], extra_env: dict | None = None, keep_log_in: Path | None = None):
-    """A whole `mtasidecar dev` service, always stopped (Postfix included) and removed.
-
-    Like the ``service`` fixture of tests/conftest.py, with extra settings
-    and the logs kept (in ``keep_log_in``) for post-mortems.
-    """
-    base = passable_dir()
-    data_dir = base / "data"
+    """tests/conftest.py's running_service, with the operator token set (OPERATOR opens every mailbox)."""
     env = {"MTASIDECAR_API_OPERATOR_TOKEN": OPERATOR_TOKEN, **(extra_env or {})}
-    try:
-        svc = start_service(data_dir, domains, env)
-    except BaseException:
-        shutil.rmtree(base, ignore_errors=True)
-        raise
-    try:
+    with conftest.running_service(domains, env, prefix="mtasidecar-it-", keep_log_in=keep_log_in) as svc:
         yield svc
-    finally:
-        try:
-            stop_service(svc)
-        finally:
-            if keep_log_in is not None:
-                for log in [base / "data-dev.log", data_dir / "postfix" / "postfix.log"]:
-                    if log.exists():
-                        shutil.copy(log, keep_log_in / log.name)
-            shutil.rmtree(base, ignore_errors=True)
 
 
 # The operator token opens every mailbox, also those no domain's mode makes

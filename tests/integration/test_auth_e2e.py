@@ -22,12 +22,8 @@ Needs root, postfix (the master runs as root) and dnslib.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
-import shutil
-import signal
 import smtplib
-import subprocess
 import time
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -40,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from dns import nameserver as dns_nameserver
 from dns import resolver as dns_resolver
 
-from tests.conftest import service_dir, start_service, stop_service
+from tests.conftest import running_service
 from tests.dnsserver import DNSTestServer, _free_port
 
 pytestmark = [
@@ -197,35 +193,13 @@ def dns_server(keys):
 
 @pytest.fixture(scope="module")
 def service(dns_server):
-    base = service_dir("mtasidecar-auth-e2e-")
-    try:
-        svc = start_service(base / "data", [DOMAIN], extra_env={
-            "MTASIDECAR_DNS_SERVERS": f"127.0.0.1:{dns_server.port}",
-            "MTASIDECAR_DNS_TIMEOUT": str(DNS_TIMEOUT),
-            "MTASIDECAR_DNS_BUDGET": str(DNS_BUDGET),
-            "MTASIDECAR_HOSTNAME": HOSTNAME,
-        })
-    except BaseException:
-        # start_service gives up without stopping what it started (a timeout
-        # leaves `mtasidecar dev` and its Postfix running): end every process
-        # of this data directory, then remove it.
-        _kill_processes_of(base)
-        shutil.rmtree(base, ignore_errors=True)
-        raise
-    try:
+    with running_service([DOMAIN], {
+        "MTASIDECAR_DNS_SERVERS": f"127.0.0.1:{dns_server.port}",
+        "MTASIDECAR_DNS_TIMEOUT": str(DNS_TIMEOUT),
+        "MTASIDECAR_DNS_BUDGET": str(DNS_BUDGET),
+        "MTASIDECAR_HOSTNAME": HOSTNAME,
+    }, prefix="mtasidecar-auth-e2e-") as svc:
         yield svc
-    finally:
-        try:
-            stop_service(svc)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
-
-
-def _kill_processes_of(base: Path) -> None:
-    pids = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
 
 
 def send(service, sender: str, recipients: list[str], wire: bytes) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import smtplib
 import time
 from email.message import EmailMessage
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import service_dir, start_service, stop_service, wait_for
+from tests.conftest import running_service, wait_for
 from tests.dnsserver import DNSTestServer, _free_port
 
 pytestmark = [
@@ -70,22 +69,15 @@ def dns_server():
 
 @pytest.fixture(scope="module")
 def svc(dns_server):
-    base = service_dir("mtasidecar-auth-policy-e2e-")
-    service = start_service(base / "data", [], extra_env={
+    with running_service([], {
         "MTASIDECAR_DOMAINS": json.dumps(DOMAINS),
         "MTASIDECAR_DNS_SERVERS": f"127.0.0.1:{dns_server.port}",
         "MTASIDECAR_DNS_TIMEOUT": "0.5",
         "MTASIDECAR_DNS_BUDGET": "1.5",
         "MTASIDECAR_POLICY_SPF_BUDGET": "1.0",
         "MTASIDECAR_HOSTNAME": "mx.sidecar.test",
-    })
-    try:
+    }, prefix="mtasidecar-auth-policy-e2e-") as service:
         yield service
-    finally:
-        try:
-            stop_service(service)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def message(to: str, subject: str, from_: str) -> bytes:

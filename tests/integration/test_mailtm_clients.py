@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import smtplib
 import time
 from email.message import EmailMessage
@@ -31,7 +30,7 @@ import requests
 from mailtm import MailTMClient
 from pymailtm.pymailtm import CouldNotGetMessagesException, MailTm
 
-from tests.conftest import service_dir, start_service, stop_service, wait_for
+from tests.conftest import running_service, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,15 +40,8 @@ PASSWORD = "s3cret-enough"
 
 @pytest.fixture(scope="module")
 def svc():
-    base = service_dir()
-    service = start_service(base / "data", [PUBLIC], private=[PRIVATE])
-    try:
+    with running_service([PUBLIC], private=[PRIVATE]) as service:
         yield service
-    finally:
-        try:
-            stop_service(service)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

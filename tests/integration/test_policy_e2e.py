@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import smtplib
 import sqlite3
 import time
@@ -18,7 +17,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from tests.conftest import free_port, service_dir, start_service, stop_service, wait_for
+from tests.conftest import free_port, running_service, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,20 +28,13 @@ _source_ips = (f"127.0.0.{i}" for i in itertools.count(10))
 
 @pytest.fixture(scope="module")
 def svc():
-    base = service_dir()
-    service = start_service(base / "data", [PUBLIC], private=[PRIVATE], extra_env={
+    with running_service([PUBLIC], {
         "MTASIDECAR_POLICY_LISTEN": f"127.0.0.1:{free_port()}",
         "MTASIDECAR_POLICY_SOCKETMAP": f"127.0.0.1:{free_port()}",
         "MTASIDECAR_POLICY_RATE_LIMIT": str(RATE_LIMIT),
         "MTASIDECAR_POLICY_RATE_WINDOW": str(RATE_WINDOW),
-    })
-    try:
+    }, private=[PRIVATE]) as service:
         yield service
-    finally:
-        try:
-            stop_service(service)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -244,33 +244,6 @@ def _child_env(settings) -> dict:
     return env
 
 
-def write_backlog(msgs: list[bytes], maildir: Path) -> None:
-    now = time.time()
-    for i, msg in enumerate(msgs):
-        name = C.maildir_name(i, now + i * 1e-4)
-        tmp = maildir / "tmp" / name
-        tmp.write_bytes(C.postfix_trace(msg, i, now))
-        os.rename(tmp, maildir / "new" / name)
-
-
-def _max_id(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("SELECT max(id) FROM message").fetchone()[0] or 0
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
-def _count_new(new_dir: Path) -> int:
-    with os.scandir(new_dir) as it:
-        return sum(1 for _ in it)
-
-
 _DKIM_COUNT = """
 import json, sqlite3, sys
 from mtasidecar.store import decompress
@@ -305,7 +278,7 @@ def run_one(variant: str, msgs: list[bytes], dns, args) -> dict:
         maildir = settings.maildir_path
         for sub in ("tmp", "new", "cur"):
             (maildir / sub).mkdir(parents=True, exist_ok=True)
-        write_backlog(msgs, maildir)
+        C.write_backlog(msgs, maildir / "new")
         os.sync()
         busy = C.wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else []
         dns.delay = delay
@@ -316,7 +289,7 @@ def run_one(variant: str, msgs: list[bytes], dns, args) -> dict:
         sampler = C.TreeSampler(proc.pid, 0.1).start()
         deadline, t_first = t0 + args.timeout, None
         while True:
-            rows = _max_id(db)
+            rows = C.max_message_id(db)
             now = time.monotonic()
             if rows and t_first is None:
                 t_first = now
@@ -327,7 +300,7 @@ def run_one(variant: str, msgs: list[bytes], dns, args) -> dict:
             if now > deadline:
                 raise C.BenchError(f"{variant}: timed out with {rows}/{n} rows stored")
             time.sleep(0.02)
-        C.wait_until(lambda: _count_new(maildir / "new") == 0, max(5.0, deadline - time.monotonic()), 0.02,
+        C.wait_until(lambda: C.count_files(maildir / "new") == 0, max(5.0, deadline - time.monotonic()), 0.02,
                      "new/ to empty")
         t_done = time.monotonic()
         sampler.stop()

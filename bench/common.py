@@ -15,6 +15,7 @@ import re
 import shlex
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -483,6 +484,36 @@ def maildir_name(n: int, when: float) -> str:
     """A name shaped like virtual(8)'s: <sec>.V<dev>I<inode>M<usec>.<host>."""
     sec, usec = int(when), int((when % 1) * 1e6)
     return f"{sec}.V801I{0x100000 + n:x}M{usec:06d}.bench"
+
+
+def write_backlog(msgs: list[bytes], new_dir: Path) -> None:
+    """The messages as Postfix leaves them: trace lines on top, written in tmp/, renamed into new/."""
+    tmp_dir = new_dir.parent / "tmp"
+    now = time.time()
+    for i, msg in enumerate(msgs):
+        name = maildir_name(i, now + i * 1e-4)
+        tmp = tmp_dir / name
+        tmp.write_bytes(postfix_trace(msg, i, now))
+        os.rename(tmp, new_dir / name)
+
+
+def max_message_id(db: Path) -> int:
+    """The newest stored message's id (0: none yet, or the database is not there or busy)."""
+    if not db.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute("SELECT max(id) FROM message").fetchone()[0] or 0
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def count_files(directory: Path) -> int:
+    with os.scandir(directory) as it:
+        return sum(1 for _ in it)
 
 
 # --------------------------------------------------------------------------

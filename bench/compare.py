@@ -707,7 +707,6 @@ def our_api_at(n: int, args, work: Path) -> dict:
 
 def ingest_at(n_stored: int, msgs: list[bytes], dns, args) -> dict:
     """Drain a backlog of len(msgs) corpus mails into a copy of the n_stored database (0: a fresh one)."""
-    from .ingest_backlog import _count_new, _max_id, write_backlog
     base = Path(tempfile.mkdtemp(prefix=f"compare-ingest-{n_stored}-", dir="/tmp"))
     proc = None
     try:
@@ -719,11 +718,11 @@ def ingest_at(n_stored: int, msgs: list[bytes], dns, args) -> dict:
             for suffix in ("", "-wal"):
                 if Path(str(src) + suffix).exists():
                     shutil.copyfile(str(src) + suffix, str(db) + suffix)
-        start_id = _max_id(db)
+        start_id = C.max_message_id(db)
         maildir = settings.maildir_path
         for sub in ("tmp", "new", "cur"):
             (maildir / sub).mkdir(parents=True, exist_ok=True)
-        write_backlog(msgs, maildir / "new")
+        C.write_backlog(msgs, maildir / "new")
         os.sync()
         C.wait_quiet(args.quiet_wait)
         load = C.loadavg()
@@ -735,7 +734,7 @@ def ingest_at(n_stored: int, msgs: list[bytes], dns, args) -> dict:
         t_first = None
         deadline = t0 + args.timeout
         while True:
-            rows = _max_id(db) - start_id
+            rows = C.max_message_id(db) - start_id
             now = time.monotonic()
             if rows > 0 and t_first is None:
                 t_first = now
@@ -746,7 +745,7 @@ def ingest_at(n_stored: int, msgs: list[bytes], dns, args) -> dict:
             if now > deadline:
                 raise C.BenchError(f"ingest at {n_stored} stored: timed out with {rows}/{n} rows")
             time.sleep(0.02)
-        C.wait_until(lambda: _count_new(maildir / "new") == 0, max(5.0, deadline - time.monotonic()), 0.02,
+        C.wait_until(lambda: C.count_files(maildir / "new") == 0, max(5.0, deadline - time.monotonic()), 0.02,
                      "new/ to empty")
         t_done = time.monotonic()
         sampler.stop()

@@ -39,36 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_auth_argument(p)
 
 
-def write_backlog(msgs: list[bytes], new_dir: Path) -> None:
-    tmp_dir = new_dir.parent / "tmp"
-    now = time.time()
-    for i, msg in enumerate(msgs):
-        name = C.maildir_name(i, now + i * 1e-4)
-        data = C.postfix_trace(msg, i, now)
-        t = tmp_dir / name
-        with open(t, "wb") as fh:
-            fh.write(data)
-        os.rename(t, new_dir / name)
-
-
-def _max_id(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("SELECT max(id) FROM message").fetchone()[0] or 0
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
-def _count_new(new_dir: Path) -> int:
-    with os.scandir(new_dir) as it:
-        return sum(1 for _ in it)
-
-
 def run_one(msgs: list[bytes], workers: int, timeout: float, keep: bool, dns: str, auth: bool) -> dict:
     n = len(msgs)
     base = Path(tempfile.mkdtemp(prefix=f"ingest-w{workers}-", dir="/tmp"))
@@ -80,7 +50,7 @@ def run_one(msgs: list[bytes], workers: int, timeout: float, keep: bool, dns: st
         for sub in ("tmp", "new", "cur"):
             (maildir / sub).mkdir(parents=True, exist_ok=True)
         t_w = time.perf_counter()
-        write_backlog(msgs, maildir / "new")
+        C.write_backlog(msgs, maildir / "new")
         write_s = time.perf_counter() - t_w
         os.sync()  # the files are on disk before the clock starts, as Postfix's are
         db = base / "mtasidecar.db"
@@ -92,7 +62,7 @@ def run_one(msgs: list[bytes], workers: int, timeout: float, keep: bool, dns: st
         deadline = t0 + timeout
         rows = 0
         while True:
-            rows = _max_id(db)
+            rows = C.max_message_id(db)
             now = time.monotonic()
             if rows and t_first is None:
                 t_first = now
@@ -105,7 +75,7 @@ def run_one(msgs: list[bytes], workers: int, timeout: float, keep: bool, dns: st
             time.sleep(0.02)
         t_rows = time.monotonic()
         # The files go only after the commit: wait for new/ to empty.
-        C.wait_until(lambda: _count_new(maildir / "new") == 0, max(5.0, deadline - time.monotonic()), 0.02,
+        C.wait_until(lambda: C.count_files(maildir / "new") == 0, max(5.0, deadline - time.monotonic()), 0.02,
                      "new/ to empty")
         t_done = time.monotonic()
         sampler.stop()

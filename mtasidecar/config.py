@@ -373,11 +373,6 @@ class Settings:
         return {"servers": self.dns.server_addresses(), "timeout": self.dns.timeout,
                 "budget": self.dns.budget, "hostname": self.hostname}
 
-    def auth_failure_domains(self) -> dict[str, tuple[bool, str]]:
-        """name → (subdomains, auth_failure) of every domain, as plain (picklable)
-        data for the ingester's workers: which recipients get quarantine."""
-        return {d.name: (d.subdomains, d.auth_failure) for d in self.domains}
-
     def check_domain(self, d: DomainSettings, key: str) -> None:
         """One domain's settings, and those that need other settings to work."""
         d.validate(key)

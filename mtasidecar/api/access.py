@@ -79,10 +79,6 @@ class Access:
             raise bad_request(f"malformed address {address!r}", "malformed_address")
         return address
 
-    def domain_name(self, address: str) -> str | None:
-        """The domain ``address`` belongs to (subdomains included), from the last snapshot."""
-        return self.domains.cached.name_of(address)
-
     async def mailbox(self, req, address: str):
         """The mailbox this request may use, or a 401/404/429 ApiError."""
         address = self.normalize(address)

@@ -120,10 +120,10 @@ def sender_failed(auth: dict) -> bool:
 class Quarantine:
     """Which recipients are on a domain with ``auth_failure = "quarantine"``.
 
-    Built per batch from ``Settings.auth_failure_domains()`` (name →
+    Built per batch from ``DomainSet.auth_failure_map()`` (name →
     (subdomains, auth_failure)), the plain dict the ingester hands its worker
-    processes; every configured domain is in it, so a recipient maps to the
-    same domain as in the store (the most specific configured one).
+    processes; every served domain is in it, so a recipient maps to the
+    same domain as in the store (the most specific one).
     """
 
     __slots__ = ("subdomains", "names")
@@ -211,7 +211,7 @@ def prepare_many(paths: list[str], max_size: int, authenticator=None,
 
     Sender checks for the whole batch run concurrently (their DNS waits
     overlap) before parsing. Bad mail never raises; an unreadable file raises
-    OSError and stays in the spool. ``domains`` (``Settings.auth_failure_domains()``)
+    OSError and stays in the spool. ``domains`` (``DomainSet.auth_failure_map()``)
     says which recipients' domains quarantine mail whose sender failed.
     """
     out: list[Prepared] = []

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mtasidecar.api import mailtm
 from mtasidecar.config import ConfigError, load
+from mtasidecar.domains import DomainSet
 from mtasidecar.ingest.maildir import Ingester
 from mtasidecar.ingest.pipeline import Quarantine, prepare_many, sender_failed
 from mtasidecar.mail.auth import Authenticator
@@ -120,7 +121,7 @@ class Delivered:
             path.write_bytes(raw)
             paths.append(str(path))
         batch = prepare_many(paths, 10**7, self.auth if auth == "default" else auth, None,
-                             self.env.settings.auth_failure_domains())
+                             configured(self.env.settings))
         self.env.store.ingest([p.record for p in batch])
         return [Message.get(Message.spool_name == p.record.spool_name).id for p in batch]
 
@@ -128,6 +129,11 @@ class Delivered:
 @pytest.fixture
 def deliver(env, auth):
     return Delivered(env, auth)
+
+
+def configured(settings) -> dict:
+    """What the ingester hands prepare_many for the configured domains."""
+    return DomainSet(settings.domains).auth_failure_map()
 
 
 def hexid(n: int) -> str:
@@ -383,7 +389,7 @@ def test_ingester_workers_quarantine(tmp_path, dns_server):
     n = 12  # more than INLINE_MAX: prepared in the worker process
     for i in range(n):
         (env.maildir / "new" / f"{BASE_TIME + i}.M{i}P9Q{i}.mx.example.test").write_bytes(half_failing("quar.test", i))
-    with running_ingester(env, dns_server, env.settings.auth_failure_domains()):
+    with running_ingester(env, dns_server, configured(env.settings)):
         wait_for(lambda: stored(n), 60, 0.1, "the ingester to store the files")
     assert_odd_ones_quarantined(n)
 
@@ -417,7 +423,7 @@ def test_settings():
     assert s.domain("keep.test").auth_failure == "keep" and s.domain("keep.test").reject_spf_fail is False
     assert s.domain("quar.test").auth_failure == "quarantine"
     assert s.domain("rej.test").reject_spf_fail is True
-    assert s.auth_failure_domains()["sub.test"] == (True, "quarantine")
+    assert configured(s)["sub.test"] == (True, "quarantine")
     # The short form keeps the defaults.
     short = _load(MTASIDECAR_DOMAINS="a.test,public:*.b.test")
     assert {d.auth_failure for d in short.domains} == {"keep"}

@@ -445,15 +445,15 @@ class Policy:
         address = "@" + key
         try:
             self._domain_map(self.clock())
-            if domain_of(address, self._subdomains) is None and self._added_since(address):
+            found = domain_of(address, self._subdomains)
+            if found is None and self._added_since(address):
                 self._domains_at = float("-inf")
                 self._domain_map(self.clock())
+                found = domain_of(address, self._subdomains)
         except Exception:
             log.exception("socketmap: cannot read the domain list")
             return "TEMP domain list unavailable"
-        if domain_of(address, self._subdomains) is None:
-            return "NOTFOUND "
-        return "OK ok"
+        return "NOTFOUND " if found is None else "OK ok"
 
     def _added_since(self, address: str) -> bool:
         """Whether a name ``address`` could belong to became active since the map was read:

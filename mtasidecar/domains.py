@@ -40,6 +40,7 @@ class DomainSet:
         self.domains = tuple(domains)
         self._by_name = {d.name: d for d in self.domains}
         self._subdomains = {d.name: d.subdomains for d in self.domains}
+        self._auth_failure: dict[str, tuple[bool, str]] | None = None
 
     def __iter__(self):
         return iter(self.domains)
@@ -64,8 +65,11 @@ class DomainSet:
         return self.domains[0] if self.domains else None
 
     def auth_failure_map(self) -> dict[str, tuple[bool, str]]:
-        """name → (subdomains, auth_failure), as plain data for the ingester's workers."""
-        return {d.name: (d.subdomains, d.auth_failure) for d in self.domains}
+        """name → (subdomains, auth_failure), as plain data for the ingester's workers
+        (asked per batch: built once per snapshot)."""
+        if self._auth_failure is None:
+            self._auth_failure = {d.name: (d.subdomains, d.auth_failure) for d in self.domains}
+        return self._auth_failure
 
 
 def settings_json(domain: DomainSettings) -> str:

@@ -1,0 +1,114 @@
+"""The ingester's loop: what watchdog reports, and how arriving files are batched.
+
+Batching is tested without the clock deciding: files already queued are
+either taken into the batch (a batch began just now) or left for the next
+one (the last batch began long ago), whatever the machine's speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+from mtasidecar.ingest import maildir as M
+from mtasidecar.ingest.maildir import Ingester
+from mtasidecar.store.models import Message
+from tests.conftest import wait_for
+from tests.unit.test_api import ADDRESS, BASE_TIME, eml, make_env
+
+
+@contextlib.contextmanager
+def running(ingester: Ingester):
+    thread = threading.Thread(target=ingester.run, daemon=True)
+    thread.start()
+    try:
+        assert ingester.watching.wait(30)
+        yield ingester
+    finally:
+        ingester.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def spool_name(i: int) -> str:
+    return f"{BASE_TIME + i}.M{i}P7Q{i}.mx.example.test"
+
+
+def test_files_linked_or_renamed_into_new_are_ingested(tmp_path):
+    """Postfix's virtual(8) links tmp/ → new/ (a created event); `mtasidecar deliver`
+    renames (a moved event). Both still reach the ingester with watchdog asked
+    for creations and moves only."""
+    env = make_env(tmp_path)
+    ingester = Ingester(env.store, env.maildir, rescan_interval=3600)
+    pushed = []
+    push = ingester.push
+    ingester.push = lambda path: (pushed.append(os.path.basename(path)), push(path))
+    with running(ingester):
+        linked, renamed = env.maildir / "tmp" / "a", env.maildir / "tmp" / "b"
+        linked.write_bytes(eml(subject="linked"))
+        os.link(linked, env.maildir / "new" / spool_name(1))
+        linked.unlink()
+        renamed.write_bytes(eml(subject="renamed"))
+        renamed.rename(env.maildir / "new" / spool_name(2))
+        wait_for(lambda: Message.select().count() >= 2, 30, 0.05, "both files to be stored")
+    assert sorted(m.subject for m in Message.select()) == ["linked", "renamed"]
+    assert sorted(pushed) == [spool_name(1), spool_name(2)]  # one event each: the rescan never ran
+    assert os.listdir(env.maildir / "new") == []
+
+
+def queue_of(ingester: Ingester, names: list[str]) -> None:
+    for name in names:
+        ingester.queue.put(name)
+
+
+def test_files_arriving_while_mail_flows_join_the_batch(tmp_path):
+    env = make_env(tmp_path)
+    ingester = Ingester(env.store, env.maildir)
+    queue_of(ingester, ["b", "c", "d"])
+    ingester._last_batch = time.monotonic()  # a batch began just now: mail is flowing
+    paths = ["a"]
+    ingester._gather(paths)
+    assert paths == ["a", "b", "c", "d"]
+
+
+def test_a_file_after_a_quiet_spell_is_not_held_back(tmp_path):
+    env = make_env(tmp_path)
+    ingester = Ingester(env.store, env.maildir)
+    queue_of(ingester, ["b"])
+    ingester._last_batch = time.monotonic() - 10 * M.GATHER_S  # last batch long ago
+    paths = ["a"]
+    ingester._gather(paths)
+    # Had it waited for anything, it would have taken "b" (already queued):
+    # "b" starts the next batch instead.
+    assert paths == ["a"]
+    assert ingester.queue.get_nowait() == "b"
+
+
+def test_gathering_stops_at_a_chunk_and_at_stop(tmp_path):
+    env = make_env(tmp_path)
+    ingester = Ingester(env.store, env.maildir)
+    queue_of(ingester, [f"f{i}" for i in range(M.CHUNK + 5)])
+    ingester._last_batch = time.monotonic() + 3600  # would wait an hour
+    paths: list[str] = []
+    ingester._gather(paths)
+    assert len(paths) == M.CHUNK
+    ingester.stop()  # the wake-up marker comes after the five left
+    rest = ["x"]
+    ingester._gather(rest)
+    assert rest == ["x"] + [f"f{i}" for i in range(M.CHUNK, M.CHUNK + 5)]
+
+
+def test_a_burst_is_stored_whole(tmp_path):
+    """Files renamed in one after the other, as under load: every one stored once."""
+    env = make_env(tmp_path)
+    n = 40
+    with running(Ingester(env.store, env.maildir, rescan_interval=3600)):
+        for i in range(n):
+            tmp = env.maildir / "tmp" / f"t{i}"
+            tmp.write_bytes(eml(subject=f"m{i}"))
+            tmp.rename(env.maildir / "new" / spool_name(i))
+        wait_for(lambda: Message.select().count() >= n, 30, 0.05, "the burst to be stored")
+    assert sorted(m.subject for m in Message.select()) == sorted(f"m{i}" for i in range(n))
+    assert {m.envelope_to for m in Message.select()} == {ADDRESS}

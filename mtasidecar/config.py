@@ -206,6 +206,9 @@ class PolicySettings:
             raise ConfigError(f"{key}: rate_limit, rate_window and max_recipients must be positive")
         if not 0 < self.spf_budget <= 60:
             raise ConfigError(f"{key}.spf_budget: must be between 0 and 60 seconds")
+        # Rendered inside our check_policy_service { ..., { default_action = ... } } entry.
+        if not self.default_action.strip() or any(c in self.default_action for c in "{}\r\n"):
+            raise ConfigError(f"{key}.default_action: must be one line, not empty, without braces")
 
 
 @dataclass(frozen=True)

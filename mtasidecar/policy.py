@@ -57,9 +57,9 @@ towards ``max_recipients``. Both tables are bounded: a message is forgotten
 each table holds at most ``MAX_ENTRIES`` (the least recently active go
 first).
 
-Fail-open. When Postfix cannot reach us it uses
-``smtpd_policy_service_default_action``; we ship ``DUNNO`` (the
-``policy.default_action`` setting), and answer the same action ourselves
+Fail-open. When Postfix cannot reach us it uses the ``default_action`` our
+``check_policy_service`` entry carries (mtasidecar/mta/render.py:
+policy_entry); we ship ``DUNNO`` (the ``policy.default_action`` setting), and answer the same action ourselves
 when the database fails. A disposable inbox exists to receive the
 verification mail *now*: with fail-closed (Postfix's default, 451) every
 message, wanted ones included, would wait for the sender's retry, often

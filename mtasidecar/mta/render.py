@@ -145,13 +145,15 @@ def _main_cf(maildir: Path, uid: int, gid: int, message_size_limit: int, socketm
 
 
 def _policy_cf(policy: str, default_action: str) -> str:
-    return fill(
-        template_text("policy.cf.in"),
-        {
-            "policy": policy_endpoint(policy),
-            "policy_default_action": _one_line(default_action, "policy_default_action"),
-        },
-    )
+    return fill(template_text("policy.cf.in"), {"policy_entry": policy_entry(policy, default_action)})
+
+
+def _policy_action(action: str) -> str:
+    """An access(5) action for our entry's { default_action = ... } group."""
+    action = " ".join(_one_line(action, "policy_default_action").split())
+    if not action or "{" in action or "}" in action:
+        raise ValueError(f"policy default action must be non-empty and without braces: {action!r}")
+    return action
 
 
 def _master_cf(deliver_argv: list[str], pipe_user: str) -> str:
@@ -338,25 +340,93 @@ def write_config(rendered: dict[str, str], config_dir: Path) -> list[Path]:
 # Postfix that also serves other mail keeps its own recipient checks.
 MERGED_LISTS = ("smtpd_recipient_restrictions",)
 
+# Our check_policy_service entry carries its own default_action (Postfix >= 3.0
+# per-entry attributes), so an administrator's other policy services keep the
+# global smtpd_policy_service_default_action; and it names itself with
+# policy_context (>= 3.1), so `postfix apply` can find it again to replace or
+# remove it. Entries rendered before this marker are the plain
+# "check_policy_service <endpoint>".
+POLICY_CONTEXT = "mtasidecar"
+_OURS = re.compile(rf"\bpolicy_context\s*=\s*{POLICY_CONTEXT}\b")
+_ENDPOINT = re.compile(r"check_policy_service\s*\{\s*([^\s,{}]+)")
 
-def _list_words(value: str) -> str:
-    """A Postfix list with commas and whitespace normalised, padded for whole-word matching."""
-    return " " + " ".join(re.split(r"[\s,]+", value.strip())).strip() + " "
+
+def policy_entry(endpoint: str, default_action: str) -> str:
+    """Our ``check_policy_service`` restriction, default action and marker included."""
+    return (f"check_policy_service {{ {policy_endpoint(endpoint)}, "
+            f"{{ default_action = {_policy_action(default_action)} }}, policy_context={POLICY_CONTEXT} }}")
+
+
+def _list_items(value: str) -> list[tuple[int, int]]:
+    """(start, end) of each item of a Postfix list: words separated by whitespace
+    or commas, a ``{ ... }`` group (which may hold both) being one item."""
+    items, depth, start = [], 0, None
+    for i, ch in enumerate(value):
+        if depth == 0 and (ch.isspace() or ch == ","):
+            if start is not None:
+                items.append((start, i))
+                start = None
+            continue
+        if start is None:
+            start = i
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+    if start is not None:
+        items.append((start, len(value)))
+    return items
+
+
+def _norm(item: str) -> str:
+    """An item with the spacing around braces, commas and "=" made uniform."""
+    for ch in "{},=":
+        item = item.replace(ch, f" {ch} ")
+    return " ".join(item.split())
+
+
+def _our_spans(value: str, ours: str | None = None) -> list[tuple[int, int]]:
+    """Spans of our check_policy_service entries in ``value``, each with the
+    separators after it: marked ones, and the pre-marker plain form of ``ours``."""
+    items = _list_items(value)
+    endpoint = _ENDPOINT.match(ours) if ours else None
+    legacy = endpoint.group(1) if endpoint else None
+    spans = []
+    for k, (start, end) in enumerate(items[:-1]):
+        if value[start:end] != "check_policy_service":
+            continue
+        arg = value[items[k + 1][0]:items[k + 1][1]]
+        if _OURS.search(arg) or (legacy is not None and arg == legacy):
+            stop = items[k + 2][0] if k + 2 < len(items) else len(value)
+            spans.append((start, stop))
+    return spans
 
 
 def list_contains(current: str, ours: str) -> bool:
-    return _list_words(ours) in _list_words(current)
+    """Is ``ours`` (a restriction and its argument) in the list ``current``, as written?"""
+    items = [_norm(current[a:b]) for a, b in _list_items(current)]
+    want = [_norm(ours[a:b]) for a, b in _list_items(ours)]
+    return any(items[i:i + len(want)] == want for i in range(len(items) - len(want) + 1))
+
+
+def without_ours(current: str, ours: str | None = None) -> str:
+    """``current`` with our entries (see _our_spans) taken out, the rest as written."""
+    kept, at = [], 0
+    for start, stop in _our_spans(current, ours):
+        kept.append(current[at:start])
+        at = stop
+    kept.append(current[at:])
+    return " ".join("".join(kept).split()).strip(" ,")
 
 
 def merge_list(current: str, ours: str) -> str:
     """``ours`` in front of an administrator's list (our check refuses unknown addresses of
-    our domains and answers DUNNO for every other), added once."""
+    our domains and answers DUNNO for every other), once: an older entry of ours goes."""
     current = " ".join(current.split())  # postconf -e takes one line
-    if not current:
-        return ours
-    if list_contains(current, ours):
+    if list_contains(current, ours) and len(_our_spans(current, ours)) == 1:
         return current
-    return f"{ours}, {current}"
+    rest = without_ours(current, ours)
+    return f"{ours}, {rest}" if rest else ours
 
 
 def apply_config(rendered: dict[str, str], config_dir: Path) -> None:
@@ -364,17 +434,28 @@ def apply_config(rendered: dict[str, str], config_dir: Path) -> None:
 
     Writes the maps, sets main.cf settings with ``postconf -e`` and master.cf
     entries with ``postconf -M``; everything else in main.cf and master.cf is
-    kept, and our entries join the lists in MERGED_LISTS. Run ``postfix
-    reload`` afterwards for a running Postfix.
+    kept, and our entries join the lists in MERGED_LISTS (and leave them when
+    the policy service is off). Run ``postfix reload`` afterwards for a
+    running Postfix.
     """
     config_dir = Path(config_dir)
     require_pcre(config_dir)
     write_config(rendered, config_dir)
     settings = main_cf_settings(rendered[MAIN_CF])
+    unset = []
     for name in MERGED_LISTS:
+        current = postconf(config_dir, "-nh", name)
         if name in settings:
-            settings[name] = merge_list(postconf(config_dir, "-nh", name), settings[name])
+            settings[name] = merge_list(current, settings[name])
+        elif _our_spans(current):  # policy service off now: our entry goes
+            rest = without_ours(current)
+            if rest:
+                settings[name] = rest
+            else:
+                unset.append(name)
     postconf(config_dir, "-e", *(f"{name}={value}" for name, value in settings.items()))
+    if unset:
+        postconf(config_dir, "-X", *unset)
     for key, entry in master_cf_entries(rendered[MASTER_CF]).items():
         postconf(config_dir, "-M", f"{key}={entry}")
 

@@ -370,6 +370,7 @@ class PolicyHandler(socketserver.StreamRequestHandler):
             if self.server.down:
                 return  # hang up, as a dying server would
             self.server.seen.append(request["recipient"])
+            self.server.contexts.add(request.get("policy_context"))
             refuse = request["recipient"].startswith("nobody@")
             action = "550 5.1.1 no such mailbox" if refuse else "DUNNO"
             self.wfile.write(f"action={action}\n\n".encode())
@@ -380,7 +381,7 @@ class PolicyHandler(socketserver.StreamRequestHandler):
 def policy_server():
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), PolicyHandler)
     server.daemon_threads = True
-    server.seen, server.down = [], False
+    server.seen, server.down, server.contexts = [], False, set()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -399,6 +400,7 @@ def test_policy_service_decides_at_rcpt(start_instance, policy_server):
     # Relay protection comes first: the policy never hears of foreign domains.
     assert rcpt_reply(instance, "e@foreign.test")[0] == 554
     assert policy_server.seen == ["nobody@example.test", "a@example.test"]
+    assert policy_server.contexts == {"mtasidecar"}  # the marker `postfix apply` finds our entry by
 
     # Policy server down: the default action DUNNO accepts (after a timeout).
     policy_server.down = True
@@ -407,6 +409,19 @@ def test_policy_service_decides_at_rcpt(start_instance, policy_server):
     started = time.monotonic()
     assert rcpt_reply(instance, "nobody@example.test")[0] == 250
     print(f"RCPT with the policy server down took {time.monotonic() - started:.2f} s")
+
+
+def test_a_deferring_default_action_applies_to_our_entry_only(start_instance):
+    """policy.default_action rides on our check_policy_service entry; the global
+    smtpd_policy_service_default_action (an administrator's, for their own
+    policy services) does not decide for ours."""
+    dead = free_port()
+    instance = start_instance(policy=f"127.0.0.1:{dead}",
+                              policy_default_action="DEFER_IF_PERMIT 4.3.0 policy down, try later")
+    postconf(instance.config_dir, "-e", "smtpd_policy_service_default_action=DUNNO")
+    instance.reload()
+    code, message = rcpt_reply(instance, "a@example.test")
+    assert (code, message.rsplit(b": ", 1)[-1]) == (450, b"policy down, try later")
 
 
 def test_reload_picks_up_new_domains(start_instance):

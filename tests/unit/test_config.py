@@ -174,6 +174,15 @@ def test_booleans_and_numbers_from_strings():
     assert load(environ={"MTASIDECAR_INGEST_WORKERS": "-1"}).ingest.workers == -1
 
 
+@pytest.mark.parametrize("action", ["", "  ", "REJECT {x}", "DEFER_IF_PERMIT 4.3.0 a\nb"])
+def test_policy_default_action_must_fit_our_postfix_entry(action):
+    # It is rendered inside check_policy_service { ..., { default_action = ... } }.
+    with pytest.raises(ConfigError, match="policy.default_action"):
+        load(environ={"MTASIDECAR_POLICY_DEFAULT_ACTION": action})
+    assert load(environ={"MTASIDECAR_POLICY_DEFAULT_ACTION": "DEFER_IF_PERMIT 4.3.0 down, retry"}) \
+        .policy.default_action == "DEFER_IF_PERMIT 4.3.0 down, retry"
+
+
 # -- unknown keys ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("toml, named", [

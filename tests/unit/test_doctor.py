@@ -333,16 +333,73 @@ def test_postfix_with_our_settings_passes(postfix_dir):
     assert result.status == D.OK, result
 
 
+OURS = "check_policy_service { inet:127.0.0.1:10040, { default_action = DUNNO }, policy_context=mtasidecar }"
+
+
+def test_our_policy_entry_carries_its_default_action_and_marker():
+    from mtasidecar.mta.render import policy_entry
+    assert policy_entry("127.0.0.1:10040", "DUNNO") == OURS
+    assert policy_entry("unix:/run/p", "DEFER_IF_PERMIT 4.3.0 down, retry") == (
+        "check_policy_service { unix:/run/p, { default_action = DEFER_IF_PERMIT 4.3.0 down, retry }, "
+        "policy_context=mtasidecar }")
+    with pytest.raises(ValueError, match="braces"):
+        policy_entry("127.0.0.1:10040", "REJECT }")
+
+
 def test_merge_list_puts_our_entry_in_front_once():
     from mtasidecar.mta.render import list_contains, merge_list
-    ours = "check_policy_service inet:127.0.0.1:10040"
     theirs = "permit_sasl_authenticated,\n  reject_unauth_destination, check_policy_service unix:private/policyd-spf"
-    merged = merge_list(theirs, ours)
-    assert merged.startswith(ours + ", ") and merged.endswith("unix:private/policyd-spf")
-    assert merge_list(merged, ours) == merged
-    assert merge_list("", ours) == ours
-    assert list_contains("permit_mynetworks check_policy_service  inet:127.0.0.1:10040", ours)
-    assert not list_contains("check_policy_service inet:127.0.0.1:100400", ours), "whole words only"
+    merged = merge_list(theirs, OURS)
+    assert merged.startswith(OURS + ", ") and merged.endswith("unix:private/policyd-spf")
+    assert merge_list(merged, OURS) == merged
+    assert merge_list("", OURS) == OURS
+    assert list_contains("permit_mynetworks " + OURS.replace(", ", " ,  "), OURS), "spacing does not matter"
+    assert not list_contains(OURS.replace("10040", "100400"), OURS), "whole words only"
+    assert not list_contains(theirs, OURS)
+
+
+def test_merge_list_replaces_an_older_entry_of_ours():
+    from mtasidecar.mta.render import merge_list
+    # Our entry for another endpoint (the setting changed), and the plain form
+    # rendered before the marker: both give way, the administrator's stay.
+    moved = OURS.replace("10040", "9999")
+    assert merge_list(f"permit_mynetworks, {moved}, reject_rbl_client x.test", OURS) == (
+        f"{OURS}, permit_mynetworks, reject_rbl_client x.test")
+    assert merge_list("check_policy_service inet:127.0.0.1:10040 permit_mynetworks", OURS) == (
+        f"{OURS}, permit_mynetworks")
+    # Someone else's policy service on another port is not ours.
+    assert merge_list("check_policy_service inet:127.0.0.1:10050", OURS) == (
+        f"{OURS}, check_policy_service inet:127.0.0.1:10050")
+
+
+def test_without_ours_keeps_everything_else():
+    from mtasidecar.mta.render import without_ours
+    theirs = "permit_mynetworks, check_policy_service { inet:127.0.0.1:12525, timeout=5s }, reject_rbl_client x.test"
+    assert without_ours(f"{OURS}, {theirs}") == theirs
+    assert without_ours(f"permit_mynetworks {OURS}") == "permit_mynetworks"
+    assert without_ours(OURS) == ""
+    assert without_ours(theirs) == theirs
+
+
+@needs_postconf
+def test_apply_with_the_policy_service_off_takes_our_entry_out(tmp_path):
+    from mtasidecar.mta.commands import rendered_for
+    from mtasidecar.mta.render import apply_config, postconf
+    d = tmp_path / "postfix"
+    d.mkdir()
+    (d / "main.cf").write_text("smtpd_recipient_restrictions = permit_sasl_authenticated\n")
+    (d / "master.cf").write_text("smtp      inet  n       -       y       -       -       smtpd\n")
+    settle(d)
+    on = make_settings(tmp_path, policy={"listen": "127.0.0.1:10040"})
+    apply_config(rendered_for(on, create_user=False), d)
+    assert postconf(d, "-nh", "smtpd_recipient_restrictions").startswith(OURS)
+    off = make_settings(tmp_path, policy={"listen": ""})
+    apply_config(rendered_for(off, create_user=False), d)
+    assert postconf(d, "-nh", "smtpd_recipient_restrictions").strip() == "permit_sasl_authenticated"
+    # Ours alone in the list: the setting goes (Postfix's default, empty).
+    postconf(d, "-e", f"smtpd_recipient_restrictions={OURS}")
+    apply_config(rendered_for(off, create_user=False), d)
+    assert "smtpd_recipient_restrictions" not in postconf(d, "-n")
 
 
 @needs_postconf
@@ -357,8 +414,7 @@ def test_apply_keeps_an_administrators_recipient_restrictions(tmp_path):
     settle(d)
     settings = make_settings(tmp_path, policy={"listen": "127.0.0.1:10040"})
     apply_config(rendered_for(settings, create_user=False), d)
-    want = ("check_policy_service inet:127.0.0.1:10040, permit_sasl_authenticated, "
-            "check_policy_service unix:private/policyd-spf")
+    want = f"{OURS}, permit_sasl_authenticated, check_policy_service unix:private/policyd-spf"
     assert " ".join(postconf(d, "-nh", "smtpd_recipient_restrictions").split()) == want
     apply_config(rendered_for(settings, create_user=False), d)  # again: no second entry
     assert " ".join(postconf(d, "-nh", "smtpd_recipient_restrictions").split()) == want

@@ -58,6 +58,15 @@ def cmd_config(args) -> int:
     return 0
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (taskset and cpusets count; os.cpu_count does not)."""
+    import os
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def cmd_ingest(args) -> int:
     import os
     import signal
@@ -68,8 +77,11 @@ def cmd_ingest(args) -> int:
     _logging(args.verbose)
     store = _prepare_store(settings)
     registry = DomainRegistry(settings, store)
-    # Default: one core for this process (commits), the rest parse.
-    workers = settings.ingest.workers if settings.ingest.workers >= 0 else max(1, (os.cpu_count() or 2) - 1)
+    # Default: a worker per core. This process only commits (~0.15 ms a
+    # message against ~1.2 ms of parsing and checks in a worker), so keeping
+    # a core for it left most of that core idle: on 2 cores a backlog drains
+    # ~50 % faster with 2 workers than with 1 (docs/benchmarks.md).
+    workers = settings.ingest.workers if settings.ingest.workers >= 0 else usable_cores()
     ingester = Ingester(store, settings.maildir_path, keep=settings.maildir.keep,
                         max_size=settings.maildir.max_message_size,
                         rescan_interval=settings.maildir.rescan_interval, workers=workers,

@@ -213,8 +213,8 @@ class PolicySettings:
 
 @dataclass(frozen=True)
 class IngestSettings:
-    # Worker processes that parse under a backlog; -1 means one per core
-    # but one (the ingester itself commits), 0 parses in the ingester only.
+    # Worker processes that parse under a backlog; -1 means one per usable
+    # core (the ingester itself only commits), 0 parses in the ingester only.
     workers: int = -1
 
     def validate(self, key: str) -> None:

@@ -440,8 +440,10 @@ def apply_config(rendered: dict[str, str], config_dir: Path) -> None:
     """
     config_dir = Path(config_dir)
     require_pcre(config_dir)
-    write_config(rendered, config_dir)
     settings = main_cf_settings(rendered[MAIN_CF])
+    if any(_OURS.search(value) for value in settings.values()):
+        require_version(config_dir, (3, 1), "our check_policy_service { ..., policy_context=... } entry")
+    write_config(rendered, config_dir)
     unset = []
     for name in MERGED_LISTS:
         current = postconf(config_dir, "-nh", name)
@@ -536,3 +538,12 @@ def require_pcre(config_dir: Path) -> None:
     """PostfixError unless this Postfix can read pcre: maps (postfix-pcre)."""
     if "pcre" not in postconf(config_dir, "-m").split():
         raise PostfixError(f"Postfix has no pcre map support: {_INSTALL_HINT}")
+
+
+def require_version(config_dir: Path, minimum: tuple[int, int], why: str) -> None:
+    """PostfixError if this Postfix is older than ``minimum``: an smtpd that
+    cannot parse main.cf exits on every connection, so refuse before writing."""
+    text = postconf(config_dir, "-h", "mail_version").strip()
+    have = tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+    if have < minimum:
+        raise PostfixError(f"Postfix {text} is too old for {why}: it needs {minimum[0]}.{minimum[1]} or later")

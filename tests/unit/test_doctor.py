@@ -382,6 +382,27 @@ def test_without_ours_keeps_everything_else():
 
 
 @needs_postconf
+def test_apply_refuses_a_postfix_too_old_for_our_policy_entry(tmp_path, monkeypatch):
+    """Postfix < 3.1 cannot parse check_policy_service { ..., policy_context=... }:
+    its smtpd would exit on every connection. Nothing is written then."""
+    from mtasidecar.mta import render
+    from mtasidecar.mta.commands import rendered_for
+    d = tmp_path / "postfix"
+    d.mkdir()
+    (d / "main.cf").write_text("smtpd_banner = $myhostname ESMTP\n")
+    (d / "master.cf").write_text("smtp      inet  n       -       y       -       -       smtpd\n")
+    settle(d)
+    real = render.postconf
+    monkeypatch.setattr(render, "postconf",
+                        lambda cd, *args: "3.0.15\n" if args == ("-h", "mail_version") else real(cd, *args))
+    settings = make_settings(tmp_path, policy={"listen": "127.0.0.1:10040"})
+    with pytest.raises(render.PostfixError, match=r"3\.0\.15 is too old.*3\.1 or later"):
+        render.apply_config(rendered_for(settings, create_user=False), d)
+    assert (d / "main.cf").read_text() == "smtpd_banner = $myhostname ESMTP\n"
+    assert not (d / render.DOMAINS_MAP).exists()
+
+
+@needs_postconf
 def test_apply_with_the_policy_service_off_takes_our_entry_out(tmp_path):
     from mtasidecar.mta.commands import rendered_for
     from mtasidecar.mta.render import apply_config, postconf

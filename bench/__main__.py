@@ -1,6 +1,7 @@
 """mtasidecar benchmarks: `python -m bench <name> [options] [--record]`.
 
   ingest-backlog  drain N mails already in Maildir/new/ (msg/s, ingester RSS)
+  trickle         the ingester's CPU per message when files arrive one at a time, as Postfix delivers
   smtp-e2e        Postfix alone vs the whole service, N mails over K SMTP connections
   latency         steady SMTP load; 250 reply → row in the DB / visible in the API
   api-list        list / message / raw GET rates on a big database (wrk)
@@ -27,6 +28,7 @@ from . import common as C
 
 BENCHES = {
     "ingest-backlog": "ingest_backlog",
+    "trickle": "trickle",
     "smtp-e2e": "smtp_e2e",
     "latency": "latency",
     "api-list": "api_list",

@@ -38,13 +38,15 @@ log = logging.getLogger(__name__)
 
 # Below this many waiting files, prepare inline (lowest latency).
 INLINE_MAX = 4
-# While mail keeps coming, a batch starts at most this often; files arriving
-# in between join it. A message prepared and committed alone costs ~1.7 ms of
-# CPU against ~1.1 ms in a batch of 8 (caches gone cold while the process
-# slept; docs/benchmarks.md, finding 7), so at a few hundred messages a second
-# gathering for a moment saves a third of the ingester's CPU. Mail arriving
-# slower than this is never held back.
+# While mail keeps coming, a file that starts a batch waits up to GATHER_S
+# for the files right behind it. The same messages prepared and committed one
+# by one, 4 ms apart, cost ~1.8-1.9 ms of CPU each against ~1.1-1.2 ms back to
+# back (caches gone cold while the process slept; docs/benchmarks.md, finding
+# 7); in batches of 5 the gap closes part of the way. Only when files have been
+# arriving at GATHER_MIN_RATE or faster: slower mail would gain nothing from
+# the wait and only be late.
 GATHER_S = 0.02
+GATHER_MIN_RATE = 2 / GATHER_S  # files/s: the window catches two more on average
 # Files per task sent to a worker process, and per database transaction.
 CHUNK = 64
 # How long to wait before retrying a batch the database refused (locked, gone).
@@ -146,7 +148,8 @@ class Ingester:
         # Set once watchdog watches new/ and the files already there are queued.
         self.watching = threading.Event()
         self.stored = 0
-        self._last_batch = 0.0  # monotonic start of the last batch (GATHER_S)
+        # When the last files arrived: is mail flowing fast enough to gather (GATHER_S)?
+        self._arrivals: collections.deque[float] = collections.deque(maxlen=16)
 
     # -- input ---------------------------------------------------------------
 
@@ -158,6 +161,7 @@ class Ingester:
             if name in self._pending:
                 return
             self._pending.add(name)
+            self._arrivals.append(time.monotonic())
         self.queue.put(path)
 
     def rescan(self) -> int:
@@ -227,9 +231,16 @@ class Ingester:
             pass
         return paths
 
-    def _gather(self, paths: list[str]) -> None:
-        """Add to ``paths`` what arrives until GATHER_S after the last batch began."""
-        until = self._last_batch + GATHER_S
+    def _flowing(self, now: float) -> bool:
+        """Have the last files been arriving at GATHER_MIN_RATE or faster, until just now?"""
+        with self._lock:
+            times = list(self._arrivals)
+        if len(times) < 4 or now - times[-1] > 1.0:
+            return False
+        return (len(times) - 1) / max(times[-1] - times[0], 1e-6) >= GATHER_MIN_RATE
+
+    def _gather(self, paths: list[str], until: float) -> None:
+        """Add to ``paths`` what arrives before ``until`` (monotonic), up to CHUNK files."""
         while len(paths) < CHUNK:
             left = until - time.monotonic()
             if left <= 0:
@@ -251,9 +262,8 @@ class Ingester:
             if time.monotonic() >= next_rescan:
                 self.rescan()
                 next_rescan = time.monotonic() + self.rescan_interval
-            if paths and idle:
-                self._gather(paths)
-                self._last_batch = time.monotonic()
+            if paths and idle and self._flowing(time.monotonic()):
+                self._gather(paths, time.monotonic() + GATHER_S)
             if paths and (pool is None or (idle and len(paths) <= INLINE_MAX)):
                 self._commit_inline(paths)
                 continue

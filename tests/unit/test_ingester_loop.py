@@ -63,25 +63,21 @@ def queue_of(ingester: Ingester, names: list[str]) -> None:
         ingester.queue.put(name)
 
 
-def test_files_arriving_while_mail_flows_join_the_batch(tmp_path):
+def test_files_arriving_in_the_window_join_the_batch(tmp_path):
     env = make_env(tmp_path)
     ingester = Ingester(env.store, env.maildir)
     queue_of(ingester, ["b", "c", "d"])
-    ingester._last_batch = time.monotonic()  # a batch began just now: mail is flowing
     paths = ["a"]
-    ingester._gather(paths)
+    ingester._gather(paths, time.monotonic() + M.GATHER_S)
     assert paths == ["a", "b", "c", "d"]
 
 
-def test_a_file_after_a_quiet_spell_is_not_held_back(tmp_path):
+def test_files_after_the_window_start_the_next_batch(tmp_path):
     env = make_env(tmp_path)
     ingester = Ingester(env.store, env.maildir)
     queue_of(ingester, ["b"])
-    ingester._last_batch = time.monotonic() - 10 * M.GATHER_S  # last batch long ago
     paths = ["a"]
-    ingester._gather(paths)
-    # Had it waited for anything, it would have taken "b" (already queued):
-    # "b" starts the next batch instead.
+    ingester._gather(paths, time.monotonic() - 1)  # the window is over
     assert paths == ["a"]
     assert ingester.queue.get_nowait() == "b"
 
@@ -90,14 +86,37 @@ def test_gathering_stops_at_a_chunk_and_at_stop(tmp_path):
     env = make_env(tmp_path)
     ingester = Ingester(env.store, env.maildir)
     queue_of(ingester, [f"f{i}" for i in range(M.CHUNK + 5)])
-    ingester._last_batch = time.monotonic() + 3600  # would wait an hour
     paths: list[str] = []
-    ingester._gather(paths)
+    ingester._gather(paths, time.monotonic() + 3600)  # would wait an hour
     assert len(paths) == M.CHUNK
     ingester.stop()  # the wake-up marker comes after the five left
     rest = ["x"]
-    ingester._gather(rest)
+    ingester._gather(rest, time.monotonic() + 3600)
     assert rest == ["x"] + [f"f{i}" for i in range(M.CHUNK, M.CHUNK + 5)]
+
+
+def test_only_a_fast_flow_of_files_is_gathered(tmp_path):
+    """Arrival times are set by hand: files 4 ms apart (250/s) make the ingester
+    gather; 20 ms apart (50/s, where waiting would only make mail late) do not,
+    nor do fast ones followed by a quiet second."""
+    env = make_env(tmp_path)
+    ingester = Ingester(env.store, env.maildir)
+    assert not ingester._flowing(1000.0)  # nothing seen yet
+    ingester._arrivals.extend(1000.0 + k * 0.004 for k in range(16))
+    assert ingester._flowing(1000.07)
+    assert not ingester._flowing(1002.0)  # a quiet spell since
+    ingester._arrivals.clear()
+    ingester._arrivals.extend(1000.0 + k * 0.020 for k in range(16))
+    assert not ingester._flowing(1000.31)
+
+
+def test_push_records_arrivals_once_per_file(tmp_path):
+    env = make_env(tmp_path)
+    ingester = Ingester(env.store, env.maildir)
+    ingester.push("/x/new/a")
+    ingester.push("/x/new/a")  # a rescan finding it again
+    ingester.push("/x/new/b")
+    assert len(ingester._arrivals) == 2
 
 
 def test_a_burst_is_stored_whole(tmp_path):

@@ -51,6 +51,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from mtasidecar.ingest.maildir import ensure_maildir
+
 from . import common as C
 
 TARGET_WARM = 0.80  # warm / off
@@ -276,8 +278,7 @@ def run_one(variant: str, msgs: list[bytes], dns, args) -> dict:
     try:
         settings = _settings(base, args.workers, on, f"127.0.0.1:{dns.port}", args.dns_timeout, args.dns_budget)
         maildir = settings.maildir_path
-        for sub in ("tmp", "new", "cur"):
-            (maildir / sub).mkdir(parents=True, exist_ok=True)
+        ensure_maildir(maildir)
         C.write_backlog(msgs, maildir / "new")
         os.sync()
         busy = C.wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else []

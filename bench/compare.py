@@ -59,6 +59,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mtasidecar.ingest.maildir import ensure_maildir
+
 from . import common as C
 from . import peers as P
 from .smtp import send_parallel
@@ -720,8 +722,7 @@ def ingest_at(n_stored: int, msgs: list[bytes], dns, args) -> dict:
                     shutil.copyfile(str(src) + suffix, str(db) + suffix)
         start_id = C.max_message_id(db)
         maildir = settings.maildir_path
-        for sub in ("tmp", "new", "cur"):
-            (maildir / sub).mkdir(parents=True, exist_ok=True)
+        ensure_maildir(maildir)
         C.write_backlog(msgs, maildir / "new")
         os.sync()
         C.wait_quiet(args.quiet_wait)

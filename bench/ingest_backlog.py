@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mtasidecar.ingest.maildir import ensure_maildir
+
 from . import common as C
 
 TARGET_MSG_S = 1500
@@ -47,8 +49,7 @@ def run_one(msgs: list[bytes], workers: int, timeout: float, keep: bool, dns: st
     try:
         settings = C.settings_for(base, dns=dns, auth=auth, ingest={"workers": workers})
         maildir = settings.maildir_path
-        for sub in ("tmp", "new", "cur"):
-            (maildir / sub).mkdir(parents=True, exist_ok=True)
+        ensure_maildir(maildir)
         t_w = time.perf_counter()
         C.write_backlog(msgs, maildir / "new")
         write_s = time.perf_counter() - t_w

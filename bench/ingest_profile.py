@@ -93,8 +93,7 @@ def run_once(msgs: list[bytes], timer: Timer | None, profiler: cProfile.Profile 
     base = Path(tempfile.mkdtemp(prefix="ingest-profile-", dir="/tmp"))
     try:
         maildir = base / "Maildir"
-        for sub in ("tmp", "new", "cur"):
-            (maildir / sub).mkdir(parents=True)
+        ingest_maildir.ensure_maildir(maildir)
         paths = write_spool(msgs, maildir / "new")
         store = Store(f"sqlite:///{base / 'mtasidecar.db'}")
         store.setup()

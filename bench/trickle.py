@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mtasidecar.ingest.maildir import ensure_maildir
+
 from . import common as C
 
 
@@ -68,8 +70,7 @@ def run_one(msgs: list[bytes], rate: float, workers: int, timeout: float, dns: s
     try:
         settings = C.settings_for(base, dns=dns, auth=auth, ingest={"workers": workers})
         maildir = settings.maildir_path
-        for sub in ("tmp", "new", "cur"):
-            (maildir / sub).mkdir(parents=True, exist_ok=True)
+        ensure_maildir(maildir)
         db = base / "mtasidecar.db"
         log = base / "ingest.log"
         proc = C.start_process([C.PY, "-m", "mtasidecar", "ingest"], env=C.child_env(settings), log=log)

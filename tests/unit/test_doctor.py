@@ -312,15 +312,21 @@ def test_smtp_targets_come_from_postfix_master_cf(tmp_path):
         ("127.0.0.1", 25), ("127.0.0.1", 2626), ("::1", 2727), ("127.0.0.1", 2828)]
 
 
+def admin_postfix(tmp_path, main_cf: str):
+    """A Postfix config dir as an administrator left it: this main.cf, a stock smtp line."""
+    d = tmp_path / "postfix"
+    d.mkdir()
+    (d / "main.cf").write_text(main_cf)
+    (d / "master.cf").write_text("smtp      inet  n       -       y       -       -       smtpd\n")
+    settle(d)  # else postconf waits ~2 s for files changed within the last second
+    return d
+
+
 @pytest.fixture
 def postfix_dir(tmp_path):
     from mtasidecar.mta.commands import rendered_for
     from mtasidecar.mta.render import apply_config
-    d = tmp_path / "postfix"
-    d.mkdir()
-    (d / "main.cf").write_text("# an administrator's\nsmtpd_banner = $myhostname ESMTP\n")
-    (d / "master.cf").write_text("smtp      inet  n       -       y       -       -       smtpd\n")
-    settle(d)
+    d = admin_postfix(tmp_path, "# an administrator's\nsmtpd_banner = $myhostname ESMTP\n")
     settings = make_settings(tmp_path, policy={"listen": "127.0.0.1:10040"})
     apply_config(rendered_for(settings, create_user=False), d)
     return settings, d
@@ -387,11 +393,7 @@ def test_apply_refuses_a_postfix_too_old_for_our_policy_entry(tmp_path, monkeypa
     its smtpd would exit on every connection. Nothing is written then."""
     from mtasidecar.mta import render
     from mtasidecar.mta.commands import rendered_for
-    d = tmp_path / "postfix"
-    d.mkdir()
-    (d / "main.cf").write_text("smtpd_banner = $myhostname ESMTP\n")
-    (d / "master.cf").write_text("smtp      inet  n       -       y       -       -       smtpd\n")
-    settle(d)
+    d = admin_postfix(tmp_path, "smtpd_banner = $myhostname ESMTP\n")
     real = render.postconf
     monkeypatch.setattr(render, "postconf",
                         lambda cd, *args: "3.0.15\n" if args == ("-h", "mail_version") else real(cd, *args))
@@ -406,11 +408,7 @@ def test_apply_refuses_a_postfix_too_old_for_our_policy_entry(tmp_path, monkeypa
 def test_apply_with_the_policy_service_off_takes_our_entry_out(tmp_path):
     from mtasidecar.mta.commands import rendered_for
     from mtasidecar.mta.render import apply_config, postconf
-    d = tmp_path / "postfix"
-    d.mkdir()
-    (d / "main.cf").write_text("smtpd_recipient_restrictions = permit_sasl_authenticated\n")
-    (d / "master.cf").write_text("smtp      inet  n       -       y       -       -       smtpd\n")
-    settle(d)
+    d = admin_postfix(tmp_path, "smtpd_recipient_restrictions = permit_sasl_authenticated\n")
     on = make_settings(tmp_path, policy={"listen": "127.0.0.1:10040"})
     apply_config(rendered_for(on, create_user=False), d)
     assert postconf(d, "-nh", "smtpd_recipient_restrictions").startswith(OURS)
@@ -427,12 +425,8 @@ def test_apply_with_the_policy_service_off_takes_our_entry_out(tmp_path):
 def test_apply_keeps_an_administrators_recipient_restrictions(tmp_path):
     from mtasidecar.mta.commands import rendered_for
     from mtasidecar.mta.render import apply_config, postconf
-    d = tmp_path / "postfix"
-    d.mkdir()
-    (d / "main.cf").write_text("smtpd_recipient_restrictions = permit_sasl_authenticated,\n"
+    d = admin_postfix(tmp_path, "smtpd_recipient_restrictions = permit_sasl_authenticated,\n"
                                "    check_policy_service unix:private/policyd-spf\n")
-    (d / "master.cf").write_text("smtp      inet  n       -       y       -       -       smtpd\n")
-    settle(d)
     settings = make_settings(tmp_path, policy={"listen": "127.0.0.1:10040"})
     apply_config(rendered_for(settings, create_user=False), d)
     want = f"{OURS}, permit_sasl_authenticated, check_policy_service unix:private/policyd-spf"

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 INLINE_MAX = 4
 # While mail keeps coming, a file that starts a batch waits up to GATHER_S
 # for the files right behind it. The same messages prepared and committed one
-# by one, 4 ms apart, cost ~1.8-1.9 ms of CPU each against ~1.1-1.2 ms back to
+# by one, 4 ms apart, cost ~1.8-2.4 ms of CPU each against ~1.1-1.2 ms back to
 # back (caches gone cold while the process slept; docs/benchmarks.md, finding
 # 7); in batches of 5 the gap closes part of the way. Only when files have been
 # arriving at GATHER_MIN_RATE or faster: slower mail would gain nothing from
@@ -184,10 +184,10 @@ class Ingester:
         ensure_maildir(self.maildir)
         observer = Observer()
         # Only creations and moves: watchdog then asks inotify for nothing else.
-        # Unfiltered, our own open, read and unlink of each file, and the link
-        # count changes of Postfix's link-then-unlink, come back as four or
-        # five more events per message, each through watchdog's three threads
-        # (~0.3 ms of CPU per message at 250 msg/s, docs/benchmarks.md).
+        # Unfiltered, a message came back as eight events (our own open, read
+        # and unlink of the file, a directory-modified event after each), each
+        # through watchdog's three threads: 0.36 instead of 0.15 ms of CPU per
+        # message at 250 msg/s (docs/benchmarks.md, finding 7).
         observer.schedule(_Events(self.push), str(self.new_dir), recursive=False,
                           event_filter=[FileCreatedEvent, FileMovedEvent])
         observer.start()

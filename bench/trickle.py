@@ -53,14 +53,8 @@ def _threads_cpu(pid: int) -> dict[int, float]:
 def _tree_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of ``pid`` and every process below it."""
     tick = os.sysconf("SC_CLK_TCK")
-    stats = {p: C._stat(p) for p in C._pids()}
-    todo, out = [pid], {}
-    while todo:
-        p = todo.pop()
-        if stats.get(p):
-            out[p] = stats[p][2] / tick
-        todo += [q for q, s in stats.items() if s and s[1] == p]
-    return out
+    stats = {p: C._stat(p) for p in C.descendants(pid)}
+    return {p: s[2] / tick for p, s in stats.items() if s}
 
 
 def run_one(msgs: list[bytes], rate: float, workers: int, timeout: float, dns: str | None, auth: bool) -> dict:

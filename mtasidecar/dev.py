@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from .config import Settings, to_environ
-from .policy import postfix_endpoint
+from .policy import postfix_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,13 @@ def run(settings: Settings, prepare_store) -> int:
     prepare_store(settings).close()
     env = dict(os.environ, **to_environ(settings))
     maildir = settings.maildir_path.absolute()
+    policy, socketmap = postfix_endpoints(settings.policy)
     postfix = PostfixInstance(
         data_dir / "postfix", settings.smtp.port, [(d.name, d.subdomains) for d in settings.domains],
         maildir, hostname=settings.hostname, message_size_limit=settings.smtp.message_size_limit,
         delivery=settings.smtp.delivery,
         deliver_argv=_deliver_argv(data_dir, maildir),
-        policy=postfix_endpoint(settings.policy.listen) if settings.policy.listen else None,
-        policy_default_action=settings.policy.default_action,
-        socketmap=postfix_endpoint(settings.policy.served_socketmap, 10041) if settings.policy.served_socketmap else None,
+        policy=policy, policy_default_action=settings.policy.default_action, socketmap=socketmap,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

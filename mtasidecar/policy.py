@@ -608,6 +608,14 @@ def postfix_endpoint(listen: str, default_port: int = 10040) -> str:
     return f"inet:[{host}]:{port}" if ":" in host else f"inet:{host}:{port}"
 
 
+def postfix_endpoints(policy_settings) -> tuple[str | None, str | None]:
+    """What Postfix is told for a [policy] section: (check_policy_service endpoint,
+    socketmap endpoint), each None when that listener is off."""
+    listen, socketmap = policy_settings.listen, policy_settings.served_socketmap
+    return (postfix_endpoint(listen) if listen else None,
+            postfix_endpoint(socketmap, 10041) if socketmap else None)
+
+
 class PolicyServer:
     """Listens on ``listen`` ("host:port", port 0 for any, or "unix:/path").
 

@@ -24,17 +24,15 @@ def rendered_for(settings: Settings, *, create_user: bool) -> dict[str, str]:
             uid, gid = entry.pw_uid, entry.pw_gid
         except KeyError:
             uid = gid = 5000  # shown only; `apply` creates the real user
-    from ..policy import postfix_endpoint
+    from ..policy import postfix_endpoints
     maildir = settings.maildir_path.absolute()
     # With a policy address set, Postfix asks `mtasidecar policy` at RCPT:
     # that is what refuses unknown addresses on private domains.
-    policy = postfix_endpoint(settings.policy.listen) if settings.policy.listen else None
+    policy, socketmap = postfix_endpoints(settings.policy)
     return render([(d.name, d.subdomains) for d in settings.domains], maildir, uid=uid, gid=gid,
                   message_size_limit=settings.smtp.message_size_limit, delivery=settings.smtp.delivery,
                   deliver_argv=[sys.executable, "-m", "mtasidecar", "deliver", "--maildir", str(maildir)],
-                  policy=policy, policy_default_action=settings.policy.default_action,
-                  socketmap=(postfix_endpoint(settings.policy.served_socketmap, 10041)
-                             if settings.policy.served_socketmap else None))
+                  policy=policy, policy_default_action=settings.policy.default_action, socketmap=socketmap)
 
 
 def postfix_command(settings: Settings, args) -> int:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,6 +60,20 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.05, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def ingester_thread(ingester):
+    """Run an ``Ingester`` in a thread from the moment it watches new/; stop and join it after."""
+    thread = threading.Thread(target=ingester.run, daemon=True)
+    thread.start()
+    try:
+        assert ingester.watching.wait(30), "the ingester did not start watching"
+        yield ingester
+    finally:
+        ingester.stop()
+        thread.join(30)
+        assert not thread.is_alive(), "the ingester did not stop"
 
 
 @dataclass

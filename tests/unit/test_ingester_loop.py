@@ -7,29 +7,14 @@ one (the last batch began long ago), whatever the machine's speed.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 import time
 
 from mtasidecar.ingest import maildir as M
 from mtasidecar.ingest.maildir import Ingester
 from mtasidecar.store.models import Message
-from tests.conftest import wait_for
+from tests.conftest import ingester_thread, wait_for
 from tests.unit.test_api import ADDRESS, BASE_TIME, eml, make_env
-
-
-@contextlib.contextmanager
-def running(ingester: Ingester):
-    thread = threading.Thread(target=ingester.run, daemon=True)
-    thread.start()
-    try:
-        assert ingester.watching.wait(30)
-        yield ingester
-    finally:
-        ingester.stop()
-        thread.join(30)
-        assert not thread.is_alive()
 
 
 def spool_name(i: int) -> str:
@@ -45,7 +30,7 @@ def test_files_linked_or_renamed_into_new_are_ingested(tmp_path):
     pushed = []
     push = ingester.push
     ingester.push = lambda path: (pushed.append(os.path.basename(path)), push(path))
-    with running(ingester):
+    with ingester_thread(ingester):
         linked, renamed = env.maildir / "tmp" / "a", env.maildir / "tmp" / "b"
         linked.write_bytes(eml(subject="linked"))
         os.link(linked, env.maildir / "new" / spool_name(1))
@@ -123,7 +108,7 @@ def test_a_burst_is_stored_whole(tmp_path):
     """Files renamed in one after the other, as under load: every one stored once."""
     env = make_env(tmp_path)
     n = 40
-    with running(Ingester(env.store, env.maildir, rescan_interval=3600)):
+    with ingester_thread(Ingester(env.store, env.maildir, rescan_interval=3600)):
         for i in range(n):
             tmp = env.maildir / "tmp" / f"t{i}"
             tmp.write_bytes(eml(subject=f"m{i}"))

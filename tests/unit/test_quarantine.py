@@ -32,7 +32,7 @@ from mtasidecar.ingest.pipeline import Quarantine, prepare_many, sender_failed
 from mtasidecar.mail.auth import Authenticator
 from mtasidecar.store import MessageFilter
 from mtasidecar.store.models import Delivery, Message
-from tests.conftest import wait_for
+from tests.conftest import ingester_thread, wait_for
 from tests.dnsserver import DNSTestServer
 from tests.unit.test_api import BASE_TIME, make_env, trace
 
@@ -361,13 +361,8 @@ def running_ingester(env, dns_server, domains):
     """The real Ingester (one worker process, sender checks against ``dns_server``) in a thread."""
     auth_config = {"servers": [dns_server.address], "timeout": 2.0, "budget": 5.0, "hostname": "mx.example.test"}
     ingester = Ingester(env.store, env.maildir, workers=1, rescan_interval=60, auth=auth_config, domains=domains)
-    thread = threading.Thread(target=ingester.run, daemon=True)
-    thread.start()
-    try:
+    with ingester_thread(ingester):
         yield ingester
-    finally:
-        ingester.stop()
-        thread.join(30)
 
 
 def half_failing(domain: str, i: int) -> bytes:

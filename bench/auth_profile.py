@@ -123,7 +123,7 @@ def clear_caches(auth, everything: bool) -> None:
         for name in dir(mod):
             obj = getattr(mod, name)
             if hasattr(obj, "cache_clear") and (everything or name in PER_MESSAGE_CACHES):
-                if name not in ("org_domain", "_psl"):  # not DNS-derived
+                if name != "org_domain":  # not DNS-derived
                     obj.cache_clear()
 
 

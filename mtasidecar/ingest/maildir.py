@@ -51,6 +51,13 @@ GATHER_MIN_RATE = 2 / GATHER_S  # files/s: the window catches two more on averag
 CHUNK = 64
 # How long to wait before retrying a batch the database refused (locked, gone).
 RETRY_DELAYS = (0.05, 0.2, 1.0, 5.0)
+# What the forkserver imports once, before it forks the worker processes:
+# each worker then starts with flanker (and, with sender checks on, dkimpy,
+# pyspf, dnspython and the parsed public suffix list) already loaded, instead
+# of paying ~0.3 s of CPU for flanker and ~0.4 s for the checks' imports and
+# first use itself; the pages are shared too (docs/benchmarks.md, finding 10).
+PRELOAD = ["mtasidecar.ingest.pipeline"]
+PRELOAD_AUTH = ["mtasidecar.mail.auth"]
 
 
 def ensure_maildir(path: Path) -> None:
@@ -193,7 +200,10 @@ class Ingester:
         observer.start()
         pool = None
         if self.workers > 0:
-            pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
+            ctx = multiprocessing.get_context("forkserver")
+            # Takes effect when the forkserver starts (the first pool of this process).
+            ctx.set_forkserver_preload(PRELOAD + (PRELOAD_AUTH if self.auth is not None else []))
+            pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx,
                                           initializer=_init_worker,
                                           initargs=(os.getpid(), self.auth, self.blocked))
             # Start the workers now: the first burst of mail must not wait

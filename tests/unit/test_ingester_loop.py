@@ -116,3 +116,43 @@ def test_a_burst_is_stored_whole(tmp_path):
         wait_for(lambda: Message.select().count() >= n, 30, 0.05, "the burst to be stored")
     assert sorted(m.subject for m in Message.select()) == sorted(f"m{i}" for i in range(n))
     assert {m.envelope_to for m in Message.select()} == {ADDRESS}
+
+
+_PRELOAD_PROBE = r"""
+import json, multiprocessing.forkserver as forkserver, sys
+from pathlib import Path
+from mtasidecar.ingest.maildir import Ingester
+from mtasidecar.store.models import Message
+from tests.conftest import ingester_thread, wait_for
+from tests.unit.test_api import eml, make_env
+
+env = make_env(Path(sys.argv[1]))
+for i in range(8):  # a backlog: more than INLINE_MAX, so the pool prepares it
+    (env.maildir / "new" / f"{1700000000 + i}.M{i}P1.mx.example.test").write_bytes(eml(subject=f"m{i}"))
+# Checks on, against a DNS server that is not there: temperror, quickly.
+auth = {"servers": [("127.0.0.1", 9)], "timeout": 0.1, "budget": 0.2, "hostname": "mx.example.test"}
+with ingester_thread(Ingester(env.store, env.maildir, workers=1, auth=auth)):
+    wait_for(lambda: Message.select().count() >= 8, 60, 0.05, "the backlog to be stored")
+    maps = Path(f"/proc/{forkserver._forkserver._forkserver_pid}/maps").read_text()
+print(json.dumps({"stored": Message.select().count(),
+                  "spf": sorted({m.spf for m in Message.select()}),
+                  "zstandard": "zstandard" in maps, "cryptography": "cryptography" in maps}))
+"""
+
+
+def test_workers_fork_from_a_forkserver_with_the_parser_and_checks_loaded(tmp_path):
+    """The forkserver imports the pipeline and, with checks on, the checks'
+    libraries once; each worker is forked from it with them loaded rather
+    than importing them itself. Probed in a fresh interpreter: a process has
+    one forkserver, started by its first pool."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _PRELOAD_PROBE, str(tmp_path)], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["stored"] == 8 and probe["spf"] == ["temperror"], probe
+    assert probe["zstandard"] and probe["cryptography"], probe  # mapped into the forkserver itself

@@ -1,8 +1,9 @@
-"""Sender authentication of one received message: SPF, DKIM, DMARC.
+"""Sender authentication of one received message: SPF, DKIM, DMARC, and ARC.
 
 Pure library code: bytes and envelope in, an `AuthResult` out. The verdict comes
-only from our own checks; Authentication-Results, Received-SPF and ARC-* header
-fields already in the message are never read.
+only from our own checks; Authentication-Results and Received-SPF header fields
+already in the message are never read, and ARC-* fields only as what ARC
+verifies: their signatures (the results they claim are not taken over).
 
     auth = Authenticator(servers=[("127.0.0.1", 5354)], hostname="mx.example.test")
     result = auth.check(raw, sender="a@example.test", client_ip="192.0.2.1",
@@ -57,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from . import dmarc
 from .dnscache import CachingResolver, DnsTempError
 
-__all__ = ["Authenticator", "AuthResult", "CheckItem", "DkimResult", "DmarcResult", "SpfResult"]
+__all__ = ["Authenticator", "ArcResult", "AuthResult", "CheckItem", "DkimResult", "DmarcResult", "SpfResult"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ log = logging.getLogger(__name__)
 MAX_SIGNATURES = 10
 # SPF results kept per Authenticator (each also bounded by its answers' TTLs).
 SPF_CACHE_ENTRIES = 10_000
+# A chain with more ARC sets than this fails unverified: RFC 8617 4.2.1 allows
+# i=1..50, and each set costs two look-ups and two public-key operations.
+MAX_ARC_SETS = 50
 # Longer values are never kept by the per-process caches of pure functions
 # below: senders choose them, and 4096 entries of 64 KB would be 256 MB.
 MAX_CACHED_VALUE = 2048
@@ -96,11 +100,23 @@ class DmarcResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArcResult:
+    result: str  # none pass fail temperror (RFC 8617 5.2, plus our DNS trouble)
+    sets: int  # ARC sets in the message (the highest i=)
+    domain: str | None  # d= of the newest ARC-Seal: who sealed it for us
+    reason: str | None  # why not pass, in dkimpy's words (None for pass and none)
+
+
+NO_ARC = ArcResult("none", 0, None, None)
+
+
+@dataclasses.dataclass(frozen=True)
 class AuthResult:
     spf: SpfResult
     dkim: tuple[DkimResult, ...]
     dmarc: DmarcResult
     authentication_results: str  # RFC 8601 header field value, authserv-id first
+    arc: ArcResult = NO_ARC
 
     def to_dict(self) -> dict:
         # Spelled out: dataclasses.asdict deep-copies field by field, ~10x slower.
@@ -111,6 +127,8 @@ class AuthResult:
                       "result": d.result} for d in self.dkim],
             "dmarc": {"result": dmarc_.result, "policy": dmarc_.policy,
                       "from_domain": dmarc_.from_domain},
+            "arc": {"result": self.arc.result, "sets": self.arc.sets, "domain": self.arc.domain,
+                    "reason": self.arc.reason},
             "authentication_results": self.authentication_results,
         }
 
@@ -127,6 +145,7 @@ class _Message(NamedTuple):
     signer: dkim.DKIM | None
     fields: list[tuple[bytes, bytes]]
     from_domains: list[str]
+    arc: dkim.ARC | None  # only for a message with an ARC-Seal field
 
 
 class _CacheMiss(BaseException):
@@ -274,9 +293,10 @@ class Authenticator:
         spf_result = self._check_spf(sender, client_ip, helo, dns)
         dkim_results = self._check_dkim(msg.signer, msg.fields, dns)
         dmarc_result = self._check_dmarc(msg.from_domains, spf_result, dkim_results, dns)
+        arc_result = self._check_arc(msg.arc, dns) if msg.arc is not None else NO_ARC
         header = _authentication_results(self.hostname, sender, spf_result, dkim_results,
-                                         dmarc_result)
-        return AuthResult(spf_result, dkim_results, dmarc_result, header)
+                                         dmarc_result, arc_result)
+        return AuthResult(spf_result, dkim_results, dmarc_result, header, arc_result)
 
     def check_spf(self, sender: str | None, client_ip: str | None, helo: str | None,
                   budget: float | None = None) -> SpfResult:
@@ -467,6 +487,40 @@ class Authenticator:
             log.exception("DMARC evaluation failed for %s", domains[0])
             return DmarcResult("permerror", None, domains[0])
         return DmarcResult(result, policy, domains[0])
+
+    # -- ARC ---------------------------------------------------------------
+
+    def _check_arc(self, arc: _ArcVerifier, dns: _Dns) -> ArcResult:
+        """RFC 8617 chain validation (dkimpy's), keys through our resolver.
+
+        Reported, not acted on: a pass says that the intermediaries who sealed
+        the message vouch for what they recorded, and neither `authenticated`
+        nor quarantine takes their recorded results over.
+        """
+        if arc.unparsable:
+            return ArcResult("fail", 0, None, "the header block cannot be parsed")
+        try:
+            sets, headers = arc.sorted_arc_headers()
+        except Exception:  # noqa: BLE001 - dkimpy's header parse on odd input
+            return ArcResult("fail", 0, None, "ARC header fields cannot be parsed")
+        sealer = next((_loose_tags(value).get("d") for i, (name, value) in headers
+                       if i == sets and name.lower() == b"arc-seal"), None)
+        sealer = sealer.lower() if sealer else None
+        if sets > MAX_ARC_SETS:
+            return ArcResult("fail", sets, sealer, f"more than {MAX_ARC_SETS} ARC sets")
+        try:
+            cv, _sets, reason = arc.verify(dnsfunc=dns)
+        except DnsTempError as exc:
+            return ArcResult("temperror", sets, sealer, f"DNS: {exc}")
+        except Exception as exc:  # noqa: BLE001 - dkimpy raises more than DKIMException on odd input
+            log.debug("ARC verification error", exc_info=True)
+            return ArcResult("fail", sets, sealer, f"cannot be verified ({type(exc).__name__})")
+        if cv == dkim.CV_Pass:
+            return ArcResult("pass", sets, sealer, None)
+        if cv == dkim.CV_None:  # ARC-Seal fields without a usable i=
+            return NO_ARC
+        # CV_Fail, or None: an earlier sealer recorded cv=fail, the chain ended there
+        return ArcResult("fail", sets, sealer, str(reason))
 
 
 # -- pyspf DNS routing ------------------------------------------------------
@@ -685,18 +739,34 @@ _install_fast_dkim_helpers()
 def _prepare(raw: bytes | str) -> _Message:
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogateescape")
-    signer, fields = _parse_message(raw)
-    return _Message(signer, fields, _from_domains(fields))
+    signer, fields, arc = _parse_message(raw)
+    return _Message(signer, fields, _from_domains(fields), arc)
 
 
-def _parse_message(raw: bytes) -> tuple[_Verifier | None, list[tuple[bytes, bytes]]]:
-    """(dkimpy verifier or None, [(lower-case name, value)]).
+def _parse_message(raw: bytes) -> tuple[_Verifier | None, list[tuple[bytes, bytes]], _ArcVerifier | None]:
+    """(dkimpy verifier or None, [(lower-case name, value)], ARC verifier or None).
 
-    The verifier is built only for signed messages. dkimpy refuses a header
-    block with a malformed line: the message is then still checked as far as
-    the lenient parse allows (its signatures are reported "neutral").
+    The verifiers are built only for signed (sealed) messages. dkimpy refuses
+    a header block with a malformed line: the message is then still checked as
+    far as the lenient parse allows (its signatures are reported "neutral",
+    its ARC chain "fail").
     """
     head, body = _split_head(raw)
+    signer, fields = _dkim_parse(head, body)
+    if not _ARC_FIELD.search(head):
+        return signer, fields, None
+    arc = _ArcVerifier(logger=_DKIMPY_LOG)
+    if signer is not None:
+        arc.headers, arc.body = list(signer.headers), signer.body
+    else:
+        try:
+            arc.headers, arc.body = _rfc822_headers(head), _crlf(body)
+        except Exception:  # noqa: BLE001 - as for DKIM: a header block dkimpy refuses
+            arc.unparsable = True
+    return signer, fields, arc
+
+
+def _dkim_parse(head: bytes, body: bytes) -> tuple[_Verifier | None, list[tuple[bytes, bytes]]]:
     # Same test as "a lenient field is named dkim-signature", without the parse.
     if not _DKIM_FIELD.search(head):
         return None, _lenient_fields(head)
@@ -709,6 +779,7 @@ def _parse_message(raw: bytes) -> tuple[_Verifier | None, list[tuple[bytes, byte
 
 
 _DKIM_FIELD = re.compile(rb"^dkim-signature:", re.IGNORECASE | re.MULTILINE)
+_ARC_FIELD = re.compile(rb"^arc-seal:", re.IGNORECASE | re.MULTILINE)
 
 
 class _Verifier(dkim.DKIM):
@@ -728,6 +799,37 @@ class _Verifier(dkim.DKIM):
             return self.verify_sig_process(sig, include_headers, sig_header, None)
         finally:
             self.headers = everything
+
+
+class _ArcVerifier(dkim.ARC):
+    """dkim.ARC whose key look-ups go through our resolver and parsed-key cache.
+
+    dkimpy's own look-up would turn DNS trouble into a failed seal; ours raises
+    DnsTempError (→ temperror), and RSA goes to OpenSSL as for DKIM.
+    """
+
+    unparsable = False
+
+    def verify_sig(self, sig, include_headers, sig_header, dnsfunc):
+        # dnsfunc: the _Dns that _check_arc handed to verify()
+        key = _usable_key(dnsfunc.txt(sig[b"s"] + b"._domainkey." + sig[b"d"]))
+        if key is None:
+            return False  # no usable key: the signature does not verify (dkimpy's answer too)
+        self.pk, self.keysize, self.ktag, self.seqtlsrpt = key
+        return self.verify_sig_process(sig, include_headers, sig_header, None)
+
+
+class _DkimpyLog:
+    """dkimpy's logger for ARC: it logs a seal that does not verify as an error,
+    which for us is a verdict, not a fault (and errors fill the ingest log)."""
+
+    def debug(self, msg, *args, **_kwargs):
+        log.debug("dkimpy: " + str(msg), *args)  # without args, logging leaves a "%" alone
+
+    info = warning = error = debug
+
+
+_DKIMPY_LOG = _DkimpyLog()
 
 
 def _dkim_verifier(raw: bytes) -> _Verifier:
@@ -905,15 +1007,20 @@ _SPACE = re.compile(r"\s+")
 
 
 def _txt_names_needed(fields, from_domains: list[str]) -> list[str]:
-    """TXT names the DKIM and DMARC checks will (likely) ask for: the signatures'
-    keys and the From domain's DMARC record, plus its organisational domain's
-    (needed when the From domain has none)."""
+    """TXT names the DKIM, ARC and DMARC checks will (likely) ask for: the
+    signatures' and seals' keys and the From domain's DMARC record, plus its
+    organisational domain's (needed when the From domain has none)."""
     names = []
     signatures = [value for name, value in fields if name == b"dkim-signature"]
-    for value in signatures[:MAX_SIGNATURES]:
+    seals = [value for name, value in fields if name in (b"arc-seal", b"arc-message-signature")]
+    if sum(name == b"arc-seal" for name, _value in fields) > MAX_ARC_SETS:
+        seals = []  # such a chain fails unverified (_check_arc)
+    for value in signatures[:MAX_SIGNATURES] + seals:
         tags = _loose_tags(value)
         if tags.get("d") and tags.get("s"):
-            names.append(f"{tags['s']}._domainkey.{tags['d']}")
+            name = f"{tags['s']}._domainkey.{tags['d']}"
+            if name not in names:
+                names.append(name)
     if len(from_domains) == 1:
         names.append("_dmarc." + from_domains[0])
         org = dmarc.org_domain(from_domains[0])
@@ -979,10 +1086,12 @@ def _address(value: str) -> str:
 
 
 def _authentication_results(hostname: str, sender: str | None, spf_result: SpfResult,
-                            dkim_results, dmarc_result: DmarcResult) -> str:
+                            dkim_results, dmarc_result: DmarcResult, arc_result: ArcResult = NO_ARC) -> str:
     parts = [_value(hostname), _spf_resinfo(sender, spf_result)]
     parts += [_dkim_resinfo(d) for d in dkim_results] or ["dkim=none"]
     parts.append(_dmarc_resinfo(dmarc_result))
+    if arc_result.sets:  # only for sealed mail, as most receivers write it
+        parts.append(f"arc={arc_result.result} (i={arc_result.sets})")
     return "; ".join(parts)
 
 

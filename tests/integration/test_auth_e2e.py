@@ -106,6 +106,13 @@ def make_zone(keys: Keys) -> dict:
     add("forged.test", "TXT", SPF_ELSEWHERE)
     add("_dmarc.forged.test", "TXT", "v=DMARC1; p=reject")
     rsa_key("forged.test")
+    # ARC: a mailing list that rewrites the subject (breaking the author's
+    # DKIM signature) and seals what it received
+    rsa_key("author.test")
+    add("author.test", "TXT", SPF_ELSEWHERE)
+    add("_dmarc.author.test", "TXT", "v=DMARC1; p=reject")
+    add("lists.test", "TXT", SPF_LOOPBACK)
+    add("arc._domainkey.lists.test", "TXT", keys.rsa_record)
     # Slow and dead DNS: would pass everything if DNS answered in time
     for name in ("slow.test", "dead.test"):
         add(name, "TXT", SPF_LOOPBACK)
@@ -131,6 +138,17 @@ def sign(raw: bytes, keys: Keys, domain: str, selector: str = "rsa") -> bytes:
     header = dkim.sign(raw, selector.encode(), domain.encode(), key, signature_algorithm=algorithm,
                        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
     return header + raw
+
+
+def through_list(raw: bytes, keys: Keys, subject_tag: bytes = b"[list] ") -> bytes:
+    """``raw`` as the mailing list lists.test passes it on: subject tagged (the
+    author's DKIM signature breaks), its own Authentication-Results, and its
+    ARC set over what it received."""
+    relayed = raw.replace(b"\r\nSubject: ", b"\r\nSubject: " + subject_tag, 1)
+    ar = b"Authentication-Results: lists.test; dkim=pass header.d=author.test; dmarc=pass\r\n"
+    arc_set = dkim.arc_sign(ar + relayed, b"arc", b"lists.test", keys.rsa_private, b"lists.test")
+    assert arc_set, "dkimpy made no ARC set"
+    return b"".join(arc_set) + ar + relayed
 
 
 # -- the cases ------------------------------------------------------------------------
@@ -167,6 +185,12 @@ def _cases(keys: Keys) -> dict[str, tuple[str, bytes]]:
         "dmarc-none": ("x@nodmarc.test", msg("dmarc-none", "x@nodmarc.test")),
         "forged-results": ("ceo@forged.test",
                            msg("forged-results", "CEO <ceo@forged.test>", extra=forged_headers)),
+        "arc-list": ("bounces@lists.test",
+                     through_list(sign(msg("arc-list", "Ann <ann@author.test>"), keys, "author.test"), keys)),
+        # the same, changed by someone after the list sealed it
+        "arc-broken": ("bounces@lists.test",
+                       through_list(sign(msg("arc-broken", "Ann <ann@author.test>"), keys, "author.test"),
+                                    keys).replace(b"123456", b"999999")),
     }
 
 
@@ -324,21 +348,55 @@ def test_forged_authentication_headers_change_nothing(delivered):
     assert d["authenticated"] is False
 
 
+# -- ARC ----------------------------------------------------------------------------------
+
+def test_arc_sealed_by_a_mailing_list_passes(delivered):
+    """The list broke the author's signature and sealed what it got: ARC pass,
+    reported beside (not instead of) DKIM fail and DMARC fail."""
+    d = delivered["arc-list"]
+    auth = d["auth"]
+    assert d["subject"] == "[list] case arc-list"
+    assert auth["arc"] == {"result": "pass", "sets": 1, "domain": "lists.test", "reason": None}
+    assert dkim_of(d) == [("author.test", "rsa", "rsa-sha256", "fail")]
+    assert auth["spf"]["result"] == "pass" and auth["spf"]["domain"] == "lists.test"
+    assert auth["dmarc"] == {"result": "fail", "policy": "reject", "from_domain": "author.test"}
+    assert auth["authentication_results"].endswith("; arc=pass (i=1)")
+    assert d["authenticated"] is False
+
+
+def test_arc_changed_after_sealing_fails(delivered):
+    d = delivered["arc-broken"]
+    arc = d["auth"]["arc"]
+    assert (arc["result"], arc["sets"], arc["domain"]) == ("fail", 1, "lists.test")
+    assert "ARC-Message-Signature" in arc["reason"]
+    assert "999999" in d["text"]
+
+
+def test_unsealed_mail_has_no_arc(delivered):
+    d = delivered["dkim-rsa"]
+    assert d["auth"]["arc"] == {"result": "none", "sets": 0, "domain": None, "reason": None}
+    assert "; arc=" not in d["auth"]["authentication_results"]
+
+
 # -- list filters -----------------------------------------------------------------------
+
+def case_of(subject: str) -> str:
+    return subject.removeprefix("[list] ").removeprefix("case ")  # arc-*: tagged by the list
+
 
 def test_auth_list_filters(service, delivered):
     everything = service.wait_messages(ALL, len(delivered))
-    subjects = {m["subject"].removeprefix("case ") for m in everything}
+    subjects = {case_of(m["subject"]) for m in everything}
     assert subjects == set(delivered)
     passed = service.messages(ALL, auth="pass", limit=100)
     failed = service.messages(ALL, auth="fail", limit=100)
-    assert {m["subject"].removeprefix("case ") for m in passed} == AUTHENTICATED
-    assert {m["subject"].removeprefix("case ") for m in failed} == set(delivered) - AUTHENTICATED
+    assert {case_of(m["subject"]) for m in passed} == AUTHENTICATED
+    assert {case_of(m["subject"]) for m in failed} == set(delivered) - AUTHENTICATED
     assert all(m["authenticated"] is True for m in passed)
     assert all(m["authenticated"] is False for m in failed)
     # The list item agrees with the per-mailbox copy of the same message.
     for m in everything:
-        assert m["authenticated"] == delivered[m["subject"].removeprefix("case ")]["authenticated"]
+        assert m["authenticated"] == delivered[case_of(m["subject"])]["authenticated"]
     bad = service.get(f"/api/v1/mailboxes/{ALL}/messages?auth=maybe")
     assert bad.status == 400
 

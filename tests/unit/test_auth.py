@@ -68,6 +68,9 @@ def make_zone(keys: Keys) -> dict:
         "mail.strict.test": {"TXT": [SPF_OURS]},
         "rsa._domainkey.mail.strict.test": {"TXT": [keys.rsa_record]},
         "badkey._domainkey.example.test": {"TXT": ["v=DKIM1; k=rsa; p=bm90IGEga2V5"]},
+        # ARC sealers (forwarders, mailing lists)
+        "arc._domainkey.fwd.test": {"TXT": [keys.rsa_record]},
+        "arc._domainkey.list.test": {"TXT": [keys.rsa_record]},
     }
     for i in range(N_BULK):
         zone[f"d{i}.test"] = {"TXT": [SPF_OURS]}
@@ -351,6 +354,7 @@ def test_to_dict_shape(auth, keys):
         "dkim": [{"domain": "example.test", "selector": "rsa", "algorithm": "rsa-sha256",
                   "result": "pass"}],
         "dmarc": {"result": "pass", "policy": "reject", "from_domain": "example.test"},
+        "arc": {"result": "none", "sets": 0, "domain": None, "reason": None},
         "authentication_results": (
             "ourhost; spf=pass smtp.mailfrom=alice@example.test; "
             "dkim=pass header.d=example.test header.s=rsa header.a=rsa-sha256; "
@@ -378,6 +382,7 @@ def test_forged_results_in_message_are_ignored(auth):
     assert result.spf.result == "fail"
     assert result.dkim == ()
     assert (result.dmarc.result, result.dmarc.policy) == ("fail", "reject")
+    assert (result.arc.result, result.arc.sets) == ("fail", 1)  # claims are not a chain
     assert "=pass" not in result.authentication_results
 
 
@@ -416,6 +421,92 @@ def test_mangled_messages_never_raise(auth, keys):
 def test_odd_input_signature_on_unparseable_headers_is_neutral(auth):
     raw = b"From: a@example.test\r\nbad header line\r\nDKIM-Signature: v=1; d=example.test; s=rsa\r\n\r\nx"
     assert [(d.domain, d.result) for d in auth.check(raw).dkim] == [("example.test", "neutral")]
+
+
+# -- ARC -------------------------------------------------------------------------------
+
+def seal(raw: bytes, keys: Keys, domain: str, selector: str = "arc", results: bytes = b"dkim=pass") -> bytes:
+    """``raw`` as a forwarder ``domain`` passes it on: its Authentication-Results,
+    then the ARC set dkimpy makes over them (the next instance; cv= is the
+    arc= result in ``results``, what this hop found the chain to be;
+    rsa-sha256, the one algorithm RFC 8617 defines)."""
+    ar = b"Authentication-Results: " + domain.encode() + b"; " + results + b"\r\n"
+    arc_set = dkim.arc_sign(ar + raw, selector.encode(), domain.encode(), keys.rsa_private, domain.encode())
+    assert arc_set, "dkimpy made no ARC set"
+    return b"".join(arc_set) + ar + raw
+
+
+def test_arc_chain_of_one_forwarder_passes(auth, keys):
+    raw = seal(sign(message(), keys, "example.test"), keys, "fwd.test")
+    result = auth.check(raw, "alice@example.test", GOOD_IP, "h")
+    assert result.arc == auth_module.ArcResult("pass", 1, "fwd.test", None)
+    assert result.authentication_results.endswith("; arc=pass (i=1)")
+    assert result.to_dict()["arc"] == {"result": "pass", "sets": 1, "domain": "fwd.test", "reason": None}
+
+
+def test_arc_chain_of_two_passes(auth, keys):
+    """A mailing list seals what a forwarder sealed: i=2, cv=pass."""
+    raw = seal(seal(sign(message(), keys, "example.test"), keys, "fwd.test"), keys, "list.test",
+               results=b"dkim=pass; arc=pass")
+    assert b"i=2; cv=pass" in raw
+    result = auth.check(raw)
+    assert result.arc == auth_module.ArcResult("pass", 2, "list.test", None)
+
+
+def test_arc_changed_after_sealing_fails_and_dkim_is_judged_alone(auth, keys):
+    """A list changed the subject (breaking DKIM) and then sealed: ARC passes; a
+    change after the seal fails ARC. Neither changes the DKIM or DMARC verdicts."""
+    original = sign(message(), keys, "example.test")
+    relayed = seal(original.replace(b"Subject: Your code", b"Subject: [list] Your code"), keys, "fwd.test")
+    result = auth.check(relayed)
+    assert (result.arc.result, [d.result for d in result.dkim]) == ("pass", ["fail"])
+    assert result.dmarc.result == "fail"  # an ARC pass vouches; it authenticates nobody
+    broken = auth.check(relayed.replace(b"Hello Bob", b"Hello Eve"))
+    assert (broken.arc.result, broken.arc.sets, broken.arc.domain) == ("fail", 1, "fwd.test")
+    assert "ARC-Message-Signature" in broken.arc.reason
+    assert broken.authentication_results.endswith("; arc=fail (i=1)")
+
+
+def test_arc_seal_by_unknown_key_or_cv_fail_fails(auth, keys):
+    unknown = seal(sign(message(), keys, "example.test"), keys, "fwd.test", selector="nokey")
+    assert auth.check(unknown).arc.result == "fail"
+    # cv=fail recorded by the last hop ends the chain (RFC 8617 5.2): fail, whatever verifies
+    broken = seal(sign(message(), keys, "example.test"), keys, "fwd.test").replace(b"Hello Bob", b"Hello Eve")
+    resealed = seal(broken, keys, "list.test", results=b"dkim=fail; arc=fail")
+    assert b"i=2; cv=fail" in resealed
+    assert auth.check(resealed).arc.result == "fail"
+
+
+def test_arc_with_too_many_sets_fails_unverified(auth, server, keys):
+    fake_sets = b"".join(
+        b"ARC-Seal: i=%d; a=rsa-sha256; cv=pass; d=fwd.test; s=arc%d; b=AAAA\r\n"
+        b"ARC-Message-Signature: i=%d; a=rsa-sha256; d=fwd.test; s=arc%d; h=from; bh=AAAA; b=AAAA\r\n"
+        b"ARC-Authentication-Results: i=%d; fwd.test; dkim=pass\r\n" % (i, i, i, i, i)
+        for i in range(1, auth_module.MAX_ARC_SETS + 2))
+    result = auth.check(message(extra=fake_sets))
+    assert result.arc == auth_module.ArcResult("fail", auth_module.MAX_ARC_SETS + 1, "fwd.test",
+                                               f"more than {auth_module.MAX_ARC_SETS} ARC sets")
+    assert not any("_domainkey.fwd.test" in name for name, _type in server.queries)
+
+
+def test_arc_key_lookup_failing_is_temperror(keys, dead_server_address):
+    raw = seal(message(), keys, "fwd.test")
+    with Authenticator([dead_server_address], hostname=HOST, timeout=0.3, budget=0.5) as auth:
+        result = auth.check(raw)
+    assert (result.arc.result, result.arc.sets, result.arc.domain) == ("temperror", 1, "fwd.test")
+    assert result.authentication_results.endswith("; arc=temperror (i=1)")
+
+
+def test_arc_seals_of_a_batch_are_looked_up_concurrently(server, keys):
+    """check_many: a sealed message with a cold cache takes its keys through the
+    same DNS path as DKIM's, and a later one is answered from the cache."""
+    raw = seal(sign(message(), keys, "example.test"), keys, "fwd.test")
+    with Authenticator([server.address], hostname=HOST, timeout=1.0, budget=2.0) as auth:
+        first = auth.check_many([(raw, "alice@example.test", GOOD_IP, "h")] * 3)
+        server.queries.clear()
+        again = auth.check(raw, "alice@example.test", GOOD_IP, "h")
+    assert [r.arc.result for r in first] == ["pass"] * 3
+    assert again.arc.result == "pass" and server.queries == []
 
 
 # -- DNS trouble, time budget ---------------------------------------------------------------

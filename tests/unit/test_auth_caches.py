@@ -409,7 +409,8 @@ def test_to_dict_matches_asdict(auth, keys):
     result = auth.check(sign(message(), keys, "example.test"), "alice@example.test", GOOD_IP, "h")
     assert result.to_dict() == {
         "spf": dataclasses.asdict(result.spf), "dkim": [dataclasses.asdict(d) for d in result.dkim],
-        "dmarc": dataclasses.asdict(result.dmarc), "authentication_results": result.authentication_results}
+        "dmarc": dataclasses.asdict(result.dmarc), "arc": dataclasses.asdict(result.arc),
+        "authentication_results": result.authentication_results}
 
 
 # -- the resolver's expiry and cache-only reads ---------------------------------------------------

@@ -44,7 +44,7 @@ STEPS = [
     ("ingest-backlog", ["--n", "20000", "--quiet-wait", "60"], ["--n", "2000", "--workers", "1", "--quiet-wait", "10"]),
     ("trickle", ["--rates", "50,250", "--n", "3000", "--quiet-wait", "30"],
      ["--rates", "250", "--n", "500", "--quiet-wait", "10"]),
-    ("auth", ["--n", "5000", "--variants", "off,warm,slow", "--repeat", "3", "--quiet-wait", "30"],
+    ("auth", ["--n", "20000", "--variants", "off,warm,slow", "--repeat", "3", "--quiet-wait", "30"],
      ["--n", "1000", "--variants", "off,warm", "--repeat", "1", "--quiet-wait", "10"]),
     ("smtp-e2e", ["--n", "5000", "--conns", "4", "--quiet-wait", "60"],
      ["--n", "1000", "--rounds", "1", "--quiet-wait", "10"]),

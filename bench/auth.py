@@ -82,7 +82,9 @@ PRIME_ROUNDS = 10  # the primer: each domain's first message, the cycle this man
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n", type=int, default=5000, help="messages in the backlog (default 5000)")
+    # 20,000: a 5,000-message run lasts ~5 s, and on a shared machine a
+    # neighbour's burst of a second or two then moved single rounds by ±15 %.
+    p.add_argument("--n", type=int, default=20000, help="messages in the backlog (default 20000)")
     p.add_argument("--domains", type=int, default=50, help="sender domains (default 50)")
     p.add_argument("--variants", default="off,warm,slow,cold",
                    help=f"comma-separated, of: {', '.join(VARIANTS)} (default all)")

@@ -477,6 +477,29 @@ def test_arc_seal_by_unknown_key_or_cv_fail_fails(auth, keys):
     assert auth.check(resealed).arc.result == "fail"
 
 
+def test_mangled_arc_chains_never_raise(auth, keys):
+    """Random damage to a sealed message: an ARC verdict every time, never an exception."""
+    rng = random.Random(8617)
+    sealed = seal(seal(sign(message(), keys, "example.test"), keys, "fwd.test"), keys, "list.test",
+                  results=b"dkim=pass; arc=pass")
+    head_end = sealed.index(b"\r\n\r\n")
+    alphabet = b"\r\n\t :;=@<>\"\\,.\x00\xff" + bytes(range(0x20, 0x7f))
+    seen = set()
+    for _ in range(300):
+        raw = bytearray(sealed)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randrange(head_end)  # the ARC fields are in the header block
+            if rng.random() < 0.5:
+                raw[at:at + rng.randint(0, 20)] = b""
+            else:
+                raw[at:at] = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 5)))
+        result = auth.check(bytes(raw), "alice@example.test", GOOD_IP, "h")
+        assert result.arc.result in {"pass", "fail", "none"}
+        assert result.spf.result == "pass"
+        seen.add(result.arc.result)
+    assert {"pass", "fail"} <= seen  # some damage misses what the seals cover
+
+
 def test_arc_with_too_many_sets_fails_unverified(auth, server, keys):
     fake_sets = b"".join(
         b"ARC-Seal: i=%d; a=rsa-sha256; cv=pass; d=fwd.test; s=arc%d; b=AAAA\r\n"

@@ -55,7 +55,8 @@ RETRY_DELAYS = (0.05, 0.2, 1.0, 5.0)
 # each worker then starts with flanker (and, with sender checks on, dkimpy,
 # pyspf, dnspython and the parsed public suffix list) already loaded, instead
 # of paying ~0.3 s of CPU for flanker and ~0.4 s for the checks' imports and
-# first use itself; the pages are shared too (docs/benchmarks.md, finding 10).
+# first use itself (docs/benchmarks.md, finding 10). Memory stays about the
+# same: the workers share those pages with the forkserver, which now holds them.
 PRELOAD = ["mtasidecar.ingest.pipeline"]
 PRELOAD_AUTH = ["mtasidecar.mail.auth"]
 

@@ -1090,8 +1090,8 @@ def _authentication_results(hostname: str, sender: str | None, spf_result: SpfRe
     parts = [_value(hostname), _spf_resinfo(sender, spf_result)]
     parts += [_dkim_resinfo(d) for d in dkim_results] or ["dkim=none"]
     parts.append(_dmarc_resinfo(dmarc_result))
-    if arc_result.sets:  # only for sealed mail, as most receivers write it
-        parts.append(f"arc={arc_result.result} (i={arc_result.sets})")
+    if arc_result.result != "none":  # only for sealed mail, as most receivers write it
+        parts.append(f"arc={arc_result.result}" + (f" (i={arc_result.sets})" if arc_result.sets else ""))
     return "; ".join(parts)
 
 

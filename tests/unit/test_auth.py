@@ -477,6 +477,14 @@ def test_arc_seal_by_unknown_key_or_cv_fail_fails(auth, keys):
     assert auth.check(resealed).arc.result == "fail"
 
 
+def test_arc_seal_in_a_header_block_dkimpy_refuses_fails(auth):
+    raw = message(extra=b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=fwd.test; s=arc; b=AAAA\r\n"
+                        b"not a header line\r\n")
+    result = auth.check(raw)
+    assert result.arc == auth_module.ArcResult("fail", 0, None, "the header block cannot be parsed")
+    assert result.authentication_results.endswith("; arc=fail")
+
+
 def test_mangled_arc_chains_never_raise(auth, keys):
     """Random damage to a sealed message: an ARC verdict every time, never an exception."""
     rng = random.Random(8617)

@@ -255,15 +255,6 @@ def _settings(data_dir: Path, workers: int, checks: bool, dns: str, timeout: flo
         "dns": {"servers": [dns], "timeout": timeout, "budget": budget}})
 
 
-def _child_env(settings) -> dict:
-    """This environment without MTASIDECAR_*, plus mtasidecar.config.to_environ(settings)."""
-    from mtasidecar.config import ENV_PREFIX, to_environ
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    env.update(to_environ(settings))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 _DKIM_COUNT = """
 import json, sqlite3, sys
 from mtasidecar.store import decompress
@@ -325,7 +316,7 @@ def run_one(variant: str, msgs: list[bytes], dns, args, prime: list[bytes] | Non
         dns.queries.clear()
         db, log = base / "mtasidecar.db", base / "ingest.log"
         t0 = time.monotonic()
-        proc = C.start_process([C.PY, "-m", "mtasidecar", "ingest"], env=_child_env(settings), log=log)
+        proc = C.start_process([C.PY, "-m", "mtasidecar", "ingest"], env=C.child_env(settings), log=log)
         sampler = C.TreeSampler(proc.pid, 0.1).start()
         before, cpu_before, queries_before = 0, 0.0, 0
         if prime is not None:
@@ -338,22 +329,8 @@ def run_one(variant: str, msgs: list[bytes], dns, args, prime: list[bytes] | Non
             t0 = time.monotonic()
             for name in os.listdir(stage / "new"):
                 os.rename(stage / "new" / name, maildir / "new" / name)
-        deadline, t_first = t0 + args.timeout, None
-        while True:
-            rows = C.max_message_id(db) - before
-            now = time.monotonic()
-            if rows > 0 and t_first is None:
-                t_first = now
-            if rows >= n:
-                break
-            if proc.poll() is not None:
-                raise C.BenchError(f"ingest exited with {proc.returncode}; see {log}")
-            if now > deadline:
-                raise C.BenchError(f"{variant}: timed out with {rows}/{n} rows stored")
-            time.sleep(0.02)
-        C.wait_until(lambda: C.count_files(maildir / "new") == 0, max(5.0, deadline - time.monotonic()), 0.02,
-                     "new/ to empty")
-        t_done = time.monotonic()
+        t_first, _t_rows, t_done = C.wait_ingested(db, maildir / "new", n, proc, t0 + args.timeout,
+                                                   after=before, log=log, what=variant)
         sampler.stop()
         queries = len(dns.queries) - queries_before
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -368,8 +345,8 @@ def run_one(variant: str, msgs: list[bytes], dns, args, prime: list[bytes] | Non
         log_text = log.read_text(errors="replace") if log.exists() else ""
         errors = [line for line in log_text.splitlines() if " ERROR " in line or line.startswith("Traceback")]
         started = re.search(r"(\d+) worker processes", log_text)  # the ingester's own start-up line
-        total, drain = t_done - t0, t_done - (t_first or t0)
-        return {"variant": variant, "n": n, "count": count, "total_s": total, "startup_s": (t_first or t0) - t0,
+        total, drain = t_done - t0, t_done - t_first
+        return {"variant": variant, "n": n, "count": count, "total_s": total, "startup_s": t_first - t0,
                 "rate": n / total, "rate_drain": n / drain, "cpu_s": sampler.cpu_total() - cpu_before,
                 "queries": queries, "primed": len(prime) if prime is not None else 0,
                 "spf": spf, "dmarc": dmarc, "dkim": dkim, "authenticated": authed, "busy": busy,

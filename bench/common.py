@@ -516,6 +516,33 @@ def count_files(directory: Path) -> int:
         return sum(1 for _ in it)
 
 
+def wait_ingested(db: Path, new_dir: Path, n: int, proc: subprocess.Popen, deadline: float, *,
+                  after: int = 0, log: Path | None = None, what: str = "ingest") -> tuple[float, float, float]:
+    """Wait until the database holds ``n`` rows with an id above ``after``, then
+    until ``new_dir`` is empty (the ingester removes a file only after its commit).
+
+    Returns the monotonic times at which the first of those rows was seen, all
+    ``n`` were, and ``new_dir`` was empty. BenchError if ``proc`` exits or
+    ``deadline`` passes first.
+    """
+    t_first = None
+    while True:
+        rows = max_message_id(db) - after
+        now = time.monotonic()
+        if rows > 0 and t_first is None:
+            t_first = now
+        if rows >= n:
+            break
+        if proc.poll() is not None:
+            raise BenchError(f"{what}: the ingester exited with {proc.returncode}" + (f"; see {log}" if log else ""))
+        if now > deadline:
+            raise BenchError(f"{what}: timed out with {rows}/{n} rows stored")
+        time.sleep(0.02)
+    t_rows = time.monotonic()
+    wait_until(lambda: count_files(new_dir) == 0, max(5.0, deadline - time.monotonic()), 0.02, "new/ to empty")
+    return (t_first if t_first is not None else t_rows), t_rows, time.monotonic()
+
+
 # --------------------------------------------------------------------------
 # Tables and the docs file
 

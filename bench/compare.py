@@ -732,23 +732,9 @@ def ingest_at(n_stored: int, msgs: list[bytes], dns, args) -> dict:
         proc = C.start_process([C.PY, "-m", "mtasidecar", "ingest"], env=C.child_env(settings),
                                log=base / "ingest.log")
         sampler = C.TreeSampler(proc.pid, 0.2).start()
-        t_first = None
-        deadline = t0 + args.timeout
-        while True:
-            rows = C.max_message_id(db) - start_id
-            now = time.monotonic()
-            if rows > 0 and t_first is None:
-                t_first = now
-            if rows >= n:
-                break
-            if proc.poll() is not None:
-                raise C.BenchError(f"ingest exited with {proc.returncode}; see {base / 'ingest.log'}")
-            if now > deadline:
-                raise C.BenchError(f"ingest at {n_stored} stored: timed out with {rows}/{n} rows")
-            time.sleep(0.02)
-        C.wait_until(lambda: C.count_files(maildir / "new") == 0, max(5.0, deadline - time.monotonic()), 0.02,
-                     "new/ to empty")
-        t_done = time.monotonic()
+        t_first, _t_rows, t_done = C.wait_ingested(db, maildir / "new", n, proc, t0 + args.timeout,
+                                                   after=start_id, log=base / "ingest.log",
+                                                   what=f"ingest at {n_stored} stored")
         sampler.stop()
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         count = con.execute("SELECT count(*) FROM message WHERE id > ?", (start_id,)).fetchone()[0]
@@ -756,7 +742,7 @@ def ingest_at(n_stored: int, msgs: list[bytes], dns, args) -> dict:
         if count != n:
             raise C.BenchError(f"ingest at {n_stored} stored: {count} new rows for {n} files")
         return {"stored": n_stored, "n": n, "total_s": t_done - t0, "rate_total": n / (t_done - t0),
-                "rate_drain": n / (t_done - (t_first or t0)), "cpu_ms": sampler.cpu_total() * 1000 / n,
+                "rate_drain": n / (t_done - t_first), "cpu_ms": sampler.cpu_total() * 1000 / n,
                 "peak_rss_mb": sampler.peak_sum_kb / 1024, "load": load}
     finally:
         C.stop_process(proc)

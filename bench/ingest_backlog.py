@@ -59,26 +59,7 @@ def run_one(msgs: list[bytes], workers: int, timeout: float, keep: bool, dns: st
         t0 = time.monotonic()
         proc = C.start_process([C.PY, "-m", "mtasidecar", "ingest"], env=C.child_env(settings), log=log)
         sampler = C.TreeSampler(proc.pid, 0.1).start()
-        t_first = None
-        deadline = t0 + timeout
-        rows = 0
-        while True:
-            rows = C.max_message_id(db)
-            now = time.monotonic()
-            if rows and t_first is None:
-                t_first = now
-            if rows >= n:
-                break
-            if proc.poll() is not None:
-                raise C.BenchError(f"ingest exited with {proc.returncode}; see {log}")
-            if now > deadline:
-                raise C.BenchError(f"timed out with {rows}/{n} rows stored")
-            time.sleep(0.02)
-        t_rows = time.monotonic()
-        # The files go only after the commit: wait for new/ to empty.
-        C.wait_until(lambda: C.count_files(maildir / "new") == 0, max(5.0, deadline - time.monotonic()), 0.02,
-                     "new/ to empty")
-        t_done = time.monotonic()
+        t_first, t_rows, t_done = C.wait_ingested(db, maildir / "new", n, proc, t0 + timeout, log=log)
         sampler.stop()
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         count, boxes, errors = con.execute(
@@ -86,10 +67,10 @@ def run_one(msgs: list[bytes], workers: int, timeout: float, keep: bool, dns: st
             "(SELECT count(*) FROM message WHERE parse_error IS NOT NULL)").fetchone()
         con.close()
         total_s = t_done - t0
-        drain_s = t_done - (t_first or t0)
+        drain_s = t_done - t_first
         return {
             "workers": workers, "n": n, "count": count, "mailboxes": boxes, "parse_errors": errors,
-            "write_s": write_s, "startup_s": (t_first or t0) - t0, "total_s": total_s, "drain_s": drain_s,
+            "write_s": write_s, "startup_s": t_first - t0, "total_s": total_s, "drain_s": drain_s,
             "rows_s": t_rows - t0, "rate_total": n / total_s, "rate_drain": n / drain_s,
             "cpu_s": sampler.cpu_total(), "peak_sum_mb": sampler.peak_sum_kb / 1024,
             "parent_cpu_s": sampler.procs[proc.pid].cpu_s if proc.pid in sampler.procs else float("nan"),

@@ -206,9 +206,10 @@ class PolicySettings:
             raise ConfigError(f"{key}: rate_limit, rate_window and max_recipients must be positive")
         if not 0 < self.spf_budget <= 60:
             raise ConfigError(f"{key}.spf_budget: must be between 0 and 60 seconds")
-        # Rendered inside our check_policy_service { ..., { default_action = ... } } entry.
-        if not self.default_action.strip() or any(c in self.default_action for c in "{}\r\n"):
-            raise ConfigError(f"{key}.default_action: must be one line, not empty, without braces")
+        try:
+            policy_action(self.default_action)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.default_action: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -413,6 +414,18 @@ class Settings:
 def _check_port(key: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{key}: {port} is not a port number")
+
+
+def policy_action(action: str) -> str:
+    """``action`` as our check_policy_service { ..., { default_action = ... } }
+    entry carries it (spaces collapsed); ValueError unless it fits there: one
+    line, not empty, without braces (mta/render.py: policy_entry)."""
+    if any(c in action for c in "{}\r\n"):
+        raise ValueError(f"must be one line, without braces: {action!r}")
+    action = " ".join(action.split())
+    if not action:
+        raise ValueError("must not be empty")
+    return action
 
 
 def _parse_hostport(key: str, text: str, default_port: int) -> tuple[str, int]:

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from ..config import policy_action
+
 Delivery = Literal["maildir", "pipe"]
 
 MAIN_CF = "main.cf"
@@ -146,14 +148,6 @@ def _main_cf(maildir: Path, uid: int, gid: int, message_size_limit: int, socketm
 
 def _policy_cf(policy: str, default_action: str) -> str:
     return fill(template_text("policy.cf.in"), {"policy_entry": policy_entry(policy, default_action)})
-
-
-def _policy_action(action: str) -> str:
-    """An access(5) action for our entry's { default_action = ... } group."""
-    action = " ".join(_one_line(action, "policy_default_action").split())
-    if not action or "{" in action or "}" in action:
-        raise ValueError(f"policy default action must be non-empty and without braces: {action!r}")
-    return action
 
 
 def _master_cf(deliver_argv: list[str], pipe_user: str) -> str:
@@ -354,7 +348,7 @@ _ENDPOINT = re.compile(r"check_policy_service\s*\{\s*([^\s,{}]+)")
 def policy_entry(endpoint: str, default_action: str) -> str:
     """Our ``check_policy_service`` restriction, default action and marker included."""
     return (f"check_policy_service {{ {policy_endpoint(endpoint)}, "
-            f"{{ default_action = {_policy_action(default_action)} }}, policy_context={POLICY_CONTEXT} }}")
+            f"{{ default_action = {policy_action(default_action)} }}, policy_context={POLICY_CONTEXT} }}")
 
 
 def _list_items(value: str) -> list[tuple[int, int]]:

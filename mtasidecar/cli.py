@@ -68,7 +68,6 @@ def usable_cores() -> int:
 
 
 def cmd_ingest(args) -> int:
-    import os
     import signal
 
     from .domains import DomainRegistry

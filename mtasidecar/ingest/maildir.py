@@ -119,7 +119,9 @@ def _exit_with(pid: int) -> None:
 def _init_worker(parent: int, auth: dict | None, blocked: Blocklist | None) -> None:
     global _worker_auth, _worker_blocked
     _exit_with(parent)
-    # Import flanker (and build its tables) before the first file arrives.
+    # Import flanker (and build its tables) before the first file arrives: a
+    # no-op when the forkserver preloaded it (PRELOAD), needed when another
+    # pool in this process had started the forkserver without that list.
     from ..mail import parse  # noqa: F401
     _worker_auth = make_authenticator(auth)
     _worker_blocked = blocked
